@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import Field
+
+from vermeer_core.hookspecs import hookimpl
+from vermeer_core.plugins import PluginError, get_plugins, load
+from vermeer_core.registry import KINDS, ComponentConfig, Registry
+
+BUILTIN_ENTRY_POINTS = {"attention", "shallow-uvit", "resblock", "schedules", "samplers", "growth", "text", "synthetic"}
+
+GOOD_PLUGIN = """
+from vermeer_core.hookspecs import hookimpl
+from vermeer_core.registry import ComponentConfig
+
+class MyGrowthConfig(ComponentConfig):
+    speed: int = 3
+
+class MyGrowth:
+    def __init__(self, config):
+        self.config = config
+
+@hookimpl
+def vermeer_register(registry):
+    registry.add("growth_policy", "my-growth", MyGrowth, MyGrowthConfig)
+"""
+
+
+def test_builtins_register_through_entry_points():
+    plugins = load()
+    assert BUILTIN_ENTRY_POINTS <= set(plugins.origins)
+    for name in BUILTIN_ENTRY_POINTS:
+        assert plugins.origins[name][0] == "vermeer"
+    kinds = {c.kind for c in plugins.registry}
+    assert kinds == set(KINDS)  # every kind has a built-in
+    assert not plugins.failures
+
+
+def test_third_party_plugin_from_distribution(fake_distribution):
+    fake_distribution("vermeer-mygrowth", {"mygrowth": "fakeplug_good"}, {"fakeplug_good": GOOD_PLUGIN})
+    plugins = load()
+    comp = plugins.registry.get("growth_policy", "my-growth")
+    assert comp.plugin == "mygrowth"
+    assert plugins.origins["mygrowth"] == ("vermeer-mygrowth", "1.2.3")
+    cfg = plugins.registry.parse("growth_policy", {"type": "my-growth", "speed": 5})
+    assert plugins.registry.build(cfg, "growth_policy").config.speed == 5
+
+
+def test_broken_plugin_is_reported_and_others_load(fake_distribution):
+    fake_distribution("vermeer-broken", {"broken": "fakeplug_broken"}, {"fakeplug_broken": "import does_not_exist_xyz\n"})
+    with pytest.warns(RuntimeWarning, match="broken"):
+        plugins = load()
+    assert len(plugins.failures) == 1
+    text = str(plugins.failures[0])
+    assert "'broken'" in text and "vermeer-broken 1.2.3" in text and "does_not_exist_xyz" in text
+    assert "shallow-uvit" in plugins.registry.names("core")  # the others still loaded
+
+
+def test_duplicate_names_rejected(fake_distribution):
+    dup = GOOD_PLUGIN.replace('"my-growth"', '"greedy"')
+    fake_distribution("vermeer-dup", {"dup": "fakeplug_dup"}, {"fakeplug_dup": dup})
+    with pytest.raises(PluginError, match=r"growth_policy 'greedy' is registered twice.*'growth'.*'dup'"):
+        load()
+
+
+def test_disabled_plugins_env(monkeypatch, fake_distribution):
+    fake_distribution("vermeer-mygrowth", {"mygrowth": "fakeplug_good2"}, {"fakeplug_good2": GOOD_PLUGIN})
+    monkeypatch.setenv("VERMEER_DISABLED_PLUGINS", "mygrowth, samplers")
+    plugins = load()
+    assert "my-growth" not in plugins.registry.names("growth_policy")
+    assert plugins.registry.names("sampler") == []
+    assert "greedy" in plugins.registry.names("growth_policy")
+
+
+def test_autoload_switch(monkeypatch):
+    monkeypatch.setenv("VERMEER_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+    class Local:
+        @hookimpl
+        def vermeer_register(self, registry):
+            registry.add("sampler", "local", lambda cfg: cfg)
+
+    plugins = load(extra=[Local()])
+    assert [(c.kind, c.name) for c in plugins.registry] == [("sampler", "local")]
+
+
+def test_unknown_hook_fails_loudly():
+    class Misspelt:
+        @hookimpl
+        def vermeer_registr(self, registry):  # typo: no such hook
+            pass
+
+    with pytest.raises(PluginError, match="vermeer_registr"):
+        load(extra=[Misspelt()], autoload=False)
+
+
+def test_failing_register_names_plugin(fake_distribution):
+    src = GOOD_PLUGIN.replace('registry.add("growth_policy"', 'raise RuntimeError("boom"); registry.add("growth_policy"')
+    fake_distribution("vermeer-boom", {"boom": "fakeplug_boom"}, {"fakeplug_boom": src})
+    with pytest.raises(PluginError, match=r"'boom' \(distribution vermeer-boom 1.2.3\).*boom"):
+        load()
+
+
+def test_registry_rules():
+    reg = Registry()
+
+    class Cfg(ComponentConfig):
+        n: int = Field(1, gt=0)
+
+    reg.add("sampler", "a", lambda c: ("a", c.n), Cfg)
+    reg.add("sampler", "b", lambda c: ("b", c.n), Cfg)
+    with pytest.raises(ValueError, match="unknown component kind 'samplr'"):
+        reg.add("samplr", "x", lambda c: c)
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.add("sampler", "a", lambda c: c, Cfg)
+
+    class Typed(ComponentConfig):
+        type: str = "x"
+
+    with pytest.raises(ValueError, match="field named 'type'"):
+        reg.add("sampler", "t", lambda c: c, Typed)
+    assert reg.build(reg.parse("sampler", {"type": "b", "n": 4}), "sampler") == ("b", 4)
+    with pytest.raises(KeyError, match="registered: a, b"):
+        reg.get("sampler", "zzz")
+
+
+def test_process_wide_plugins_cached():
+    assert get_plugins() is get_plugins()

@@ -1,0 +1,3 @@
+from vermeer_core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""The ``vermeer`` command line. User errors print a message and exit non-zero, no traceback:
+2 for an invalid spec (or plugin), 1 for other problems (missing checkpoint, bad data...)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from vermeer_core.plugins import PluginError, get_plugins
+from vermeer_core.spec import SpecError, load_spec, spec_model
+
+__all__ = ["main", "UserError"]
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix (a path, a checkpoint, data); printed without traceback."""
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="path to a YAML run spec (see specs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set stages.0.batch_size=8 (repeatable)",
+    )
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, get_plugins().registry, args.overrides)
+    print(f"{args.spec}: valid ({len(spec.stages)} stages: " + " -> ".join(str(s.resolution) for s in spec.stages) + ")")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from vermeer_core.plan import plan_rows, print_plan
+
+    registry = get_plugins().registry
+    spec = load_spec(args.spec, registry, args.overrides)
+    rows = plan_rows(spec, registry, world_size=args.world_size)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_plan(spec, rows, world_size=args.world_size)
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    plugins = get_plugins()
+    rows = []
+    for comp in plugins.registry:
+        dist, version = plugins.origins.get(comp.plugin, ("<registered directly>", ""))
+        rows.append({"kind": comp.kind, "name": comp.name, "plugin": comp.plugin, "distribution": dist, "version": version})
+    if args.json:
+        print(json.dumps({"components": rows, "failures": [str(f) for f in plugins.failures]}, indent=2))
+        return 0
+    table = Table(title="vermeer components")
+    for col in ("kind", "name", "plugin", "distribution", "version"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(r[c] for c in ("kind", "name", "plugin", "distribution", "version")))
+    console = Console()
+    console.print(table)
+    for f in plugins.failures:
+        console.print(f"[red]{f}[/red]")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    schema = spec_model(get_plugins().registry).model_json_schema()
+    text = json.dumps(schema, indent=2)
+    if args.out:
+        from vermeer_core.io import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vermeer", description="Train pixel-space text-to-image diffusion models by greedy growing."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a spec and exit (0 = valid, 2 = invalid)")
+    _add_spec_args(p)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("plan", help="per stage and phase: resolution, parameters, GFLOP/img, memory")
+    _add_spec_args(p)
+    p.add_argument("--world-size", type=int, default=1, help="report per-rank memory for N ranks (FSDP)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("plugins", help="list registered components with their distributions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("schema", help="JSON Schema of run specs (for editors)")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("run", help="train every stage and phase of a spec")
+    _add_spec_args(p)
+    p.add_argument("--out", help="run directory or URL (default: runs/<spec name>)")
+    p.add_argument("--resume", choices=("auto", "never"), default="auto",
+                   help="auto: continue from the newest committed checkpoint in --out (default)")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="launch N ranks on this node through torch.distributed.run")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sample", help="generate images from a checkpoint, run directory or .safetensors")
+    p.add_argument("checkpoint", help="checkpoint dir, run dir (newest checkpoint) or exported .safetensors")
+    p.add_argument("--prompt", action="append", required=True, help="caption (repeatable: one image each)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the spec's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the spec's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", help="registered sampler name (default: the spec's)")
+    p.add_argument("--out", required=True, help="PNG path/URL (a grid when several prompts)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("export", help="write consolidated EMA weights + spec as safetensors")
+    p.add_argument("checkpoint", help="checkpoint dir or run dir (newest checkpoint)")
+    p.add_argument("--out", required=True, help="output .safetensors path/URL")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from vermeer_core.io import join
+
+    plugins = get_plugins()
+    spec = load_spec(args.spec, plugins.registry, args.overrides)  # exit 2 before any output exists
+    out = args.out or join("runs", spec.name)
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+        # torch's launcher starts N copies of this same command (without --nproc-per-node)
+        cleaned = ["run", args.spec, "--out", out, "--resume", args.resume, "--device", args.device]
+        for item in args.overrides:
+            cleaned += ["--set", item]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc_per_node}", "-m", "vermeer_core", *cleaned]
+        return subprocess.call(cmd)
+    from vermeer_core.distributed import init_distributed, shutdown
+    from vermeer_core.engine import Engine, RunError
+
+    d = init_distributed(device=args.device, replicate=spec.train.replicate)
+    try:
+        Engine(spec, plugins, out, d, resume=args.resume).run()
+    except RunError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        shutdown()
+    if d.rank == 0:
+        print(f"done: {out}")
+    return 0
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from vermeer_core.inference import InferenceError, load_model
+    from vermeer_core.sampling import generate, save_grid, save_png
+
+    registry = get_plugins().registry
+    try:
+        spec, model, stage = load_model(args.checkpoint, registry)
+    except InferenceError as exc:
+        raise UserError(str(exc)) from None
+    device = _device(args.device)
+    model.to(device)
+    sampler_ref = spec.sampling.sampler
+    if args.sampler:
+        sampler_ref = registry.parse("sampler", {"type": args.sampler})
+    images = generate(
+        model, args.prompt, spec=spec, schedule=registry.build(spec.diffusion.schedule, "noise_schedule"),
+        sampler=registry.build(sampler_ref, "sampler"), resolution=model.resolution, device=device,
+        steps=args.steps, guidance=args.guidance, seed=args.seed,
+    )
+    if len(args.prompt) == 1:
+        save_png(images[0], args.out)
+    else:
+        save_grid(images, args.prompt, args.out)
+    print(f"wrote {args.out} ({len(args.prompt)} image(s), {model.resolution}px, stage {stage})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vermeer_core.inference import InferenceError, export_safetensors
+
+    try:
+        info = export_safetensors(args.checkpoint, args.out, get_plugins().registry)
+    except InferenceError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {args.out}: {info['tensors']} tensors, stage {info['stage']}, {info['resolution']}px")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,115 @@
+"""Process group, device mesh and FSDP2 sharding. Model code knows nothing of this module."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["DistInfo", "init_distributed", "shutdown", "parallelize"]
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+    backend: str
+
+
+def _pick_device(local_rank: int, device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(*, device: str = "auto", replicate: int = 1) -> DistInfo:
+    """Join the process group torchrun set up (RANK/WORLD_SIZE/MASTER_* in the environment), or
+    make a world of one with an in-process store: the same code path at every world size."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
+    dev = _pick_device(local_rank, device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=30)
+        if launched:
+            dist.init_process_group(backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % replicate:
+        raise ValueError(f"train.replicate={replicate} must divide the world size {world}")
+    if replicate > 1:
+        # HSDP: replicate across groups (e.g. nodes), shard within each group
+        mesh = init_device_mesh(dev.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("shard",))
+    return DistInfo(rank, world, local_rank, dev, mesh, backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        # Without this barrier a gloo rank occasionally aborts at exit (see shared/ENVIRONMENT.md).
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _checkpointed_forward(module: nn.Module) -> None:
+    """Activation checkpointing by wrapping the instance's forward: parameter names (and so
+    checkpoints) stay the same, unlike torch's checkpoint_wrapper which renames them."""
+    inner = module.forward
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    module.forward = types.MethodType(forward, module)
+
+
+def sharded_units(model: nn.Module) -> list[nn.Module]:
+    """The repeated pieces sharded on their own: each core block, each encoder/decoder stage and
+    the text encoder (the root takes what is left: stem, head, conditioning, shallow blocks)."""
+    units: list[nn.Module] = list(getattr(model.core, "blocks", []))
+    units += list(model.encoders.values()) + list(model.decoders.values())
+    units.append(model.text)
+    return units
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    bf16: bool = False,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+) -> nn.Module:
+    """FSDP2 (``fully_shard``) per repeated unit, then the root (torchtitan's recipe).
+
+    ``bf16`` casts parameters to bf16 for compute with fp32 gradient reduction (GPU); on CPU use
+    autocast instead (the engine does), since gloo's reduce-scatter of bf16 is slow.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    units = sharded_units(model)
+    for unit in units:
+        if activation_checkpointing and unit is not model.text:
+            _checkpointed_forward(unit)
+        if compile:
+            unit.compile()
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model

@@ -1,0 +1,426 @@
+"""The engine: runs every stage and phase of a spec on FSDP2, with exact resume.
+
+One process is a world of one on the same code path as ``torchrun --nproc-per-node N``.
+
+Randomness is counter-based: the noise, times and caption drops of global sample ``i`` at
+global step ``s`` come from a generator seeded by (seed, s, i), and model-internal randomness
+from (seed, s, rank). So the RNG state of a run is its step: resume is exact without saving
+generator states, and world sizes 1 and N see the same random numbers for the same sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from vermeer_core.checkpoint import Checkpointer
+from vermeer_core.diffusion import diffusion_loss
+from vermeer_core.distributed import DistInfo, parallelize
+from vermeer_core.ema import EMA
+from vermeer_core.io import atomic_write_text, join
+from vermeer_core.metrics import MetricsLog, memory_bytes, peak_flops
+from vermeer_core.plan import stage_forward_flops
+from vermeer_core.model import VermeerModel, apply_phase, build_stage_model, replay
+from vermeer_core.optim import OptimState, build_optimizer, lr_factor, park_state
+from vermeer_core.plugins import Plugins
+from vermeer_core.schedule_table import Slot, locate, step_table
+from vermeer_core.spec import RunSpec, dump_spec, spec_hash
+
+__all__ = ["Engine", "RunError", "RESUMABLE_CHANGES", "spec_changes"]
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what is safe (e.g. the last checkpoint)."""
+
+
+#: Spec fields that may differ between a checkpoint and the spec it resumes under
+#: (``*`` matches one path element).
+RESUMABLE_CHANGES = (
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_bad_steps",
+    "sampling.*",
+    "sampling.sampler.*",
+    "stages.*.growth.phases.*.steps",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _allowed(path: str) -> bool:
+    parts = path.split(".")
+    for pattern in RESUMABLE_CHANGES:
+        pat = pattern.split(".")
+        if len(pat) <= len(parts) and all(p == "*" or p == q for p, q in zip(pat, parts)) and (
+            len(pat) == len(parts) or pat[-1] == "*"
+        ):
+            return True
+    return False
+
+
+def spec_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(refused, allowed) changed field paths between two resolved specs."""
+    a, b = _flatten(old), _flatten(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    refused = [f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})" for k in changed if not _allowed(k)]
+    return refused, [k for k in changed if _allowed(k)]
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    h = hashlib.blake2b(",".join(map(str, values)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+@dataclass
+class _Carry:
+    """What survives from one stage (or a checkpoint) into the next: sharded tensors by name."""
+
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optim: OptimState
+
+
+class Engine:
+    def __init__(self, spec: RunSpec, plugins: Plugins, out: str, dist_info: DistInfo, *, resume: str = "auto") -> None:
+        self.spec = spec
+        self.plugins = plugins
+        self.registry = plugins.registry
+        self.out = out
+        self.d = dist_info
+        self.resume = resume
+        self.rank0 = dist_info.rank == 0
+        self.slots = step_table(spec, self.registry)
+        self.total = self.slots[-1].end
+        self.ckpt = Checkpointer(out, keep=spec.train.keep_checkpoints, rank=dist_info.rank, world_size=dist_info.world_size)
+        self.bf16 = spec.train.precision == "bf16"
+        self.schedule = self.registry.build(spec.diffusion.schedule, "noise_schedule")
+        self.sampler = self.registry.build(spec.sampling.sampler, "sampler")
+        for stage in spec.stages:
+            if stage.batch_size % dist_info.world_size:
+                raise RunError(
+                    f"stage batch_size {stage.batch_size} is not divisible by the world size "
+                    f"{dist_info.world_size}; change stages.*.batch_size or --nproc-per-node"
+                )
+        self.metrics: MetricsLog | None = None
+        self.losses: list[tuple[int, float]] = []
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if self.metrics is not None:
+            self.metrics.message(text)
+        elif self.rank0:
+            print(text, flush=True)
+
+    def _barrier(self) -> None:
+        if self.d.world_size > 1:
+            dist.barrier()
+
+    def _stage_model(self, stage: int, carry: _Carry | None) -> tuple[nn.Module, EMA]:
+        """Build stage ``stage``'s model (growing structurally from a replayed previous stage),
+        shard it, and load the carried tensors of every module it reuses."""
+        prev = replay(self.spec, self.registry, stage - 1, device="cpu") if stage > 0 else None
+        model: VermeerModel = build_stage_model(self.spec, self.registry, stage, prev)
+        model.to(self.d.device)
+        self.plugins.hook.vermeer_stage_start(
+            stage=stage, resolution=model.resolution, model=model, run_dir=self.out
+        )
+        new = model.new_modules
+
+        def reused(name: str) -> bool:
+            return not any(name == p or name.startswith(p + ".") for p in new)
+
+        parallelize(
+            model,
+            self.d.mesh,
+            bf16=self.bf16 and self.d.device.type == "cuda",
+            activation_checkpointing=self.spec.train.activation_checkpointing,
+            compile=self.spec.train.compile,
+        )
+        init_ema: dict[str, torch.Tensor] = {}
+        if carry is not None:
+            keep = {k: v for k, v in carry.model.items() if reused(k)}
+            names = {n for n, _ in model.named_parameters()} | set(model.state_dict())
+            missing = [k for k in names if reused(k) and k not in keep]
+            if missing:
+                raise RunError(f"stage {stage} reuses {missing[:3]} but the previous stage has no such tensors")
+            set_model_state_dict(model, keep, options=StateDictOptions(strict=False))
+            init_ema = {k: v for k, v in carry.ema.items() if reused(k)}
+            carry.optim = {k: v for k, v in carry.optim.items() if reused(k)}
+        ema = EMA(model, self.spec.ema.decay if self.spec.ema else 0.0, init=init_ema)
+        return model, ema
+
+    def _carry(self, model: nn.Module, ema: EMA, optim: OptimState) -> _Carry:
+        return _Carry(get_model_state_dict(model), dict(ema.shadow), dict(optim))
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def _save(self, step: int, slot: Slot, model: nn.Module, ema: EMA, optim: OptimState, data: Any) -> None:
+        state = {"model": get_model_state_dict(model), "ema": ema.shadow, "optim": optim}
+        meta = {
+            "step": step,
+            "stage": slot.stage,
+            "phase": slot.index,
+            "phase_name": slot.phase.name,
+            "step_in_phase": step - slot.start,
+            "spec_hash": spec_hash(self.spec),
+            "spec": self.spec.model_dump(mode="json"),
+            "world_size": self.d.world_size,
+            "optim_names": sorted(optim),
+            "time": time.time(),
+        }
+        url = self.ckpt.save(step, state, meta, {"data": data.state_dict(), "stage": slot.stage})
+        if self.rank0:
+            self.plugins.hook.vermeer_checkpoint_saved(url=url, step=step)
+            self._say(f"checkpoint step {step} committed: {url}")
+
+    def _load(self, url: str, model: nn.Module, ema: EMA, names: list[str]) -> OptimState:
+        params = dict(model.named_parameters())
+        optim: OptimState = {
+            n: {
+                "step": torch.zeros((), dtype=torch.float32),
+                "exp_avg": torch.zeros_like(params[n].detach()),
+                "exp_avg_sq": torch.zeros_like(params[n].detach()),
+            }
+            for n in names
+        }
+        state = {"model": get_model_state_dict(model), "ema": ema.shadow, "optim": optim}
+        self.ckpt.load(url, state)
+        set_model_state_dict(model, state["model"])
+        return optim
+
+    def _find_resume(self) -> tuple[str, dict[str, Any]] | None:
+        url = self.ckpt.latest()
+        if url is None:
+            return None
+        meta = self.ckpt.read_meta(url)
+        refused, allowed = spec_changes(meta["spec"], self.spec.model_dump(mode="json"))
+        if refused:
+            raise RunError(
+                f"{url} was written under a different spec; changed fields that a resume cannot "
+                f"take: {'; '.join(refused)}. Resume with the original spec ({join(self.out, 'spec.lock.yaml')}), "
+                "or start a new run with another --out"
+            )
+        if allowed:
+            self._say(f"resuming with changed fields (allowed): {', '.join(allowed)}")
+        return url, meta
+
+    # --- the run -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        spec = self.spec
+        resume_from = self._find_resume() if self.resume == "auto" else None
+        if resume_from is None and self.resume == "never" and self.ckpt.latest() is not None:
+            raise RunError(
+                f"{self.out} already holds checkpoints; use --resume auto to continue it, or another --out"
+            )
+        if self.rank0:
+            atomic_write_text(join(self.out, "spec.lock.yaml"), dump_spec(spec))
+        start = 0
+        url = meta = None
+        if resume_from is not None:
+            url, meta = resume_from
+            start = locate(self.slots, meta["stage"], meta["phase"], meta["step_in_phase"])
+            self._say(f"resuming from step {start} (stage {meta['stage']}, phase {meta['phase_name']}) of {url}")
+        self.metrics = MetricsLog(join(self.out, "metrics.jsonl") if self.rank0 else None, self.total, start, self.rank0)
+        self._barrier()
+        first_stage = meta["stage"] if meta else 0
+        carry: _Carry | None = None
+        summary: dict[str, Any] = {"stages": []}
+        try:
+            for stage in range(first_stage, len(spec.stages)):
+                carry = self._run_stage(stage, start, carry, url if stage == first_stage else None, meta, summary)
+        finally:
+            self.metrics.close()
+        if self.rank0:
+            self._plot_losses()
+        self._barrier()
+        summary["steps"] = self.total
+        return summary
+
+    def _run_stage(
+        self, stage: int, start: int, carry: _Carry | None, url: str | None, meta: dict[str, Any] | None, summary: dict[str, Any]
+    ) -> _Carry:
+        spec = self.spec
+        st = spec.stages[stage]
+        model, ema = self._stage_model(stage, carry)
+        optim: OptimState = carry.optim if carry is not None else {}
+        world, rank = self.d.world_size, self.d.rank
+        data = self.registry.build(
+            spec.data, "dataset", resolution=st.resolution, batch_size=st.batch_size // world,
+            rank=rank, world_size=world, seed=spec.seed,
+        )
+        if url is not None and meta is not None:
+            optim = self._load(url, model, ema, meta["optim_names"])
+            rank_state = self.ckpt.read_rank_state(url, rank)
+            if meta["world_size"] != world or rank_state is None:
+                raise RunError(
+                    f"{url} was written by {meta['world_size']} ranks; this run has {world}. Model, EMA and "
+                    "optimizer would reshard, but per-rank data positions would not match: resume with "
+                    f"--nproc-per-node {meta['world_size']}"
+                )
+            data.load_state_dict(rank_state["data"])
+        flops = stage_forward_flops(spec, self.registry, stage)
+        peak = peak_flops(self.d.device, self.bf16)
+        slots = [s for s in self.slots if s.stage == stage]
+        it = iter(data)
+        for slot in slots:
+            if start >= slot.end:
+                continue
+            self._run_phase(slot, max(start, slot.start), model, ema, optim, data, it, flops, peak)
+        self._write_samples(stage, model, ema)
+        end = slots[-1].end
+        if start < end:  # a stage-boundary checkpoint (unless we resumed from exactly there)
+            self._save(end, slots[-1], model, ema, optim, data)
+        summary["stages"].append({"stage": stage, "resolution": st.resolution, "gflop_per_image": flops / 1e9})
+        return self._carry(model, ema, optim)
+
+    def _run_phase(
+        self, slot: Slot, first: int, model: nn.Module, ema: EMA, optim: OptimState, data: Any, it: Any,
+        flops: int, peak: float | None,
+    ) -> None:
+        spec = self.spec
+        o = spec.optim
+        st = spec.stages[slot.stage]
+        trainable = apply_phase(model, slot.phase)
+        opt = build_optimizer(model, trainable, optim, lr=o.lr * slot.phase.lr_mult, betas=o.betas, eps=o.eps,
+                              weight_decay=o.weight_decay)
+        params = [p for n, p in model.named_parameters() if n in trainable]
+        bad_in_row = 0
+        stage_end = max(s.end for s in self.slots if s.stage == slot.stage)
+        local = st.batch_size // self.d.world_size
+        last: dict[str, Any] = {}
+        t_log, imgs = time.perf_counter(), 0
+        model.train()
+        for step in range(first, slot.end):
+            batch = next(it)
+            k = step - slot.start
+            lr = o.lr * slot.phase.lr_mult * lr_factor(k, slot.phase.steps, o.warmup_steps, o.decay)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            torch.manual_seed(_mix(spec.seed, step, self.d.rank, 1))
+            gens = [
+                torch.Generator(device=self.d.device).manual_seed(_mix(spec.seed, step, self.d.rank * local + i))
+                for i in range(local)
+            ]
+            images = batch.images.to(self.d.device, non_blocking=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16 and self.d.device.type == "cpu"):
+                loss = diffusion_loss(
+                    model, images, batch.captions, schedule=self.schedule, resolution=st.resolution,
+                    prediction=spec.diffusion.prediction, cond_drop=spec.diffusion.cond_drop, generator=gens,
+                )
+            if _fault_nan(step):
+                loss = loss * float("nan")
+            loss.backward()
+            grad_norm = _clip(params, o.grad_clip)
+            stats = torch.stack([loss.detach().float().cpu(), torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0)])
+            if self.d.world_size > 1:
+                dist.all_reduce(stats)
+                stats[0] /= self.d.world_size
+            loss_v = float(stats[0])
+            if not math.isfinite(loss_v) or stats[1] > 0:
+                opt.zero_grad(set_to_none=True)
+                bad_in_row += 1
+                self._say(f"step {step}: non-finite loss/gradient, step skipped ({bad_in_row} in a row)")
+                if bad_in_row >= spec.train.max_bad_steps:
+                    latest = self.ckpt.latest()
+                    raise RunError(
+                        f"loss was not finite for {bad_in_row} steps in a row (stage {slot.stage}, phase "
+                        f"{slot.phase.name}, step {step}); stopped. Last good checkpoint: {latest or 'none'}. "
+                        "Lower optim.lr, raise optim.warmup_steps or enable optim.grad_clip, then resume"
+                    )
+                if self.metrics:
+                    self.metrics.advance()
+                continue
+            bad_in_row = 0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model, trainable)
+            imgs += st.batch_size
+            done = step + 1
+            self.losses.append((done, loss_v))
+            if self.metrics:
+                self.metrics.advance()
+            if done % spec.train.log_every == 0 or done == slot.end:
+                dt = time.perf_counter() - t_log
+                ips = imgs / dt if dt > 0 else 0.0
+                achieved = 3 * flops * ips  # forward + backward ~ 3x forward FLOPs
+                last = {
+                    "step": done, "stage": slot.stage, "phase": slot.phase.name, "resolution": st.resolution,
+                    "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "images_per_s": ips,
+                    "tflops": achieved / 1e12, "mfu": (achieved / self.d.world_size / peak) if peak else None,
+                    "mem_bytes": memory_bytes(self.d.device), "time": time.time(),
+                }
+                self.metrics.log(last)
+                t_log, imgs = time.perf_counter(), 0
+            # Stage ends are checkpointed by _run_stage, after the stage's samples exist.
+            if done % spec.train.checkpoint_every == 0 and done != stage_end:
+                park_state(opt, optim)
+                self._save(done, slot, model, ema, optim, data)
+        park_state(opt, optim)
+        self.plugins.hook.vermeer_phase_end(stage=slot.stage, phase=slot.phase.name, step=slot.end, metrics=last)
+
+    # --- outputs -----------------------------------------------------------------------------------
+    def _write_samples(self, stage: int, model: nn.Module, ema: EMA) -> None:
+        from vermeer_core.sampling import generate, save_grid
+
+        s = self.spec.sampling
+        st = self.spec.stages[stage]
+        with ema.swapped_in(model):
+            images = generate(model, s.prompts, spec=self.spec, schedule=self.schedule, sampler=self.sampler,
+                              resolution=st.resolution, device=self.d.device)
+        if self.rank0:
+            name = f"stage{stage}-{st.resolution}px"
+            save_grid(images, s.prompts, join(self.out, "samples", name + ".png"))
+            self._say(f"samples: {join(self.out, 'samples', name + '.png')}")
+        self._barrier()
+
+    def _plot_losses(self) -> None:
+        if not self.losses:
+            return
+        from vermeer_core.sampling import plot_losses
+
+        plot_losses(join(self.out, "metrics.jsonl"), join(self.out, "loss.png"))
+
+
+def _fault_nan(step: int) -> bool:
+    """Test-only fault injection: ``VERMEER_FAULT=nan:<first>-<last>`` makes the loss NaN at
+    those global steps (proves the skip-and-stop path)."""
+    spec = os.environ.get("VERMEER_FAULT", "")
+    if not spec.startswith("nan:"):
+        return False
+    lo, _, hi = spec[4:].partition("-")
+    return int(lo) <= step <= int(hi or lo)
+
+
+def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)

@@ -1,0 +1,98 @@
+"""Loading trained weights for inference: from a DCP checkpoint or an exported safetensors file."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+from vermeer_core.checkpoint import MARKER, Checkpointer
+from vermeer_core.io import atomic_write_bytes, join
+from vermeer_core.model import VermeerModel, replay
+from vermeer_core.registry import Registry
+from vermeer_core.spec import RunSpec, parse_spec
+
+__all__ = ["InferenceError", "resolve_checkpoint", "load_checkpoint", "load_model", "export_safetensors"]
+
+
+class InferenceError(RuntimeError):
+    """A checkpoint or weights file cannot be used; the message says which and why."""
+
+
+def resolve_checkpoint(url: str) -> str:
+    """A committed checkpoint URL from a checkpoint dir, or a run dir (its newest checkpoint)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise InferenceError(f"no such checkpoint or run directory: {url}")
+    if fs.exists(f"{path.rstrip('/')}/{MARKER}"):
+        return url
+    if fs.exists(f"{path.rstrip('/')}/meta.json"):
+        raise InferenceError(f"{url} is an uncommitted (incomplete) checkpoint; use a committed one")
+    latest = Checkpointer(url).latest()
+    if latest is None:
+        raise InferenceError(f"{url} holds no committed checkpoint (looked in {join(url, 'checkpoints')})")
+    return latest
+
+
+def load_checkpoint(url: str, registry: Registry, *, weights: str = "ema") -> tuple[RunSpec, VermeerModel, int]:
+    """(spec, model with ``weights`` = "ema" or "model" loaded, stage) from a DCP checkpoint,
+    in this process (no process group needed), whatever world size wrote it."""
+    url = resolve_checkpoint(url)
+    with fsspec.open(join(url, "meta.json"), "r") as f:
+        meta = json.load(f)
+    spec = parse_spec(meta["spec"], registry, source=join(url, "meta.json"))
+    model = replay(spec, registry, meta["stage"])
+    state = {weights: {k: v for k, v in model.state_dict().items()}}
+    if weights == "model":
+        dcp.load(state, storage_reader=FsspecReader(url))
+    else:
+        # the EMA holds parameters only; buffers come from the model entry
+        params = {n for n, _ in model.named_parameters()}
+        state = {"ema": {k: v for k, v in state["ema"].items() if k in params},
+                 "model": {k: v for k, v in model.state_dict().items() if k not in params}}
+        dcp.load(state, storage_reader=FsspecReader(url))
+    model.load_state_dict({**state.get("model", {}), **state.get(weights, {})})
+    return spec, model, meta["stage"]
+
+
+def export_safetensors(url: str, out: str, registry: Registry) -> dict[str, Any]:
+    """Consolidated EMA weights + the resolved spec (metadata) as one safetensors file."""
+    from safetensors.torch import save
+
+    spec, model, stage = load_checkpoint(url, registry)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"vermeer_spec": json.dumps(spec.model_dump(mode="json")), "stage": str(stage),
+                "resolution": str(model.resolution)}
+    atomic_write_bytes(out, save(tensors, metadata=metadata))
+    return {"tensors": len(tensors), "stage": stage, "resolution": model.resolution}
+
+
+def load_model(url: str, registry: Registry) -> tuple[RunSpec, VermeerModel, int]:
+    """From a ``.safetensors`` export or a checkpoint/run directory."""
+    if url.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            raise InferenceError(f"no such weights file: {url}")
+        with fs.open(path, "rb") as f:
+            blob = f.read()
+        from safetensors import safe_open  # noqa: F401 - metadata via the raw header below
+
+        header_len = int.from_bytes(blob[:8], "little")
+        metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
+        if "vermeer_spec" not in metadata:
+            raise InferenceError(f"{url} has no vermeer_spec metadata; export it with `vermeer export`")
+        spec = parse_spec(json.loads(metadata["vermeer_spec"]), registry, source=url)
+        stage = int(metadata["stage"])
+        model = replay(spec, registry, stage)
+        model.load_state_dict(load(blob))
+        return spec, model, stage
+    return load_checkpoint(url, registry)
+
+
+_ = torch

@@ -1,0 +1,94 @@
+"""Metrics: one JSON line per log step, a progress bar on a terminal, FLOP counting, MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from typing import Any
+
+import fsspec
+import torch
+
+__all__ = ["MetricsLog", "peak_flops", "memory_bytes"]
+
+# Dense bf16 peak of known accelerators (vendor data sheets), for MFU. Unknown devices (CPUs
+# included) report no MFU rather than a guessed one.
+_PEAK_BF16 = {
+    "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100": 989e12, "H200": 989e12,
+    "H100 PCIe": 756e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12,
+}
+
+
+def peak_flops(device: torch.device, bf16: bool) -> float | None:
+    """The device's dense bf16 peak FLOP/s, or None when unknown or not a bf16 run (fp32 runs
+    report no MFU: which peak applies, TF32 or true fp32, depends on backend settings)."""
+    if device.type != "cuda" or not bf16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(_PEAK_BF16, key=len, reverse=True):
+        if key in name:
+            return _PEAK_BF16[key]
+    return None
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA max allocated, else the peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class MetricsLog:
+    """Writes ``metrics.jsonl`` (rank 0) and shows progress: a tqdm bar on a terminal, one quiet
+    line per log step otherwise (CI, files)."""
+
+    def __init__(self, url: str | None, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.url = url
+        self._file = None
+        self._bar = None
+        if not enabled:
+            return
+        if url is not None:
+            self._file = fsspec.open(url, "a").open()
+        interactive = sys.stderr.isatty() and not os.environ.get("CI")
+        if interactive:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._bar is not None:
+            self._bar.set_postfix(stage=record.get("stage"), phase=record.get("phase"), loss=f"{record.get('loss', float('nan')):.4f}")
+        else:
+            keys = ("step", "stage", "phase", "loss", "lr", "grad_norm", "images_per_s")
+            print(" ".join(f"{k}={_fmt(record[k])}" for k in keys if k in record), file=sys.stderr, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

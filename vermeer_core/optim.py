@@ -1,0 +1,61 @@
+"""AdamW per phase, with optimizer state carried by parameter name across phases and growth,
+and the per-phase learning-rate schedule (linear warmup, then constant or cosine)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["lr_factor", "build_optimizer", "park_state", "OptimState"]
+
+#: parameter name -> AdamW state ({"step", "exp_avg", "exp_avg_sq"}) of every parameter that
+#: has ever trained, including currently frozen ones ("parked": held here, not in the optimizer).
+OptimState = dict[str, dict[str, Tensor]]
+
+
+def lr_factor(step_in_phase: int, phase_steps: int, warmup: int, decay: str) -> float:
+    """Multiplier of the base lr at 0-based ``step_in_phase``: linear warmup over ``warmup``
+    steps, then constant, or cosine to 0 at the phase's end (Loshchilov & Hutter, SGDR 2017)."""
+    if warmup > 0 and step_in_phase < warmup:
+        return (step_in_phase + 1) / warmup
+    if decay == "cosine":
+        span = max(1, phase_steps - warmup)
+        progress = min(1.0, (step_in_phase - warmup) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_optimizer(
+    model: nn.Module, trainable: set[str], state: OptimState, *, lr: float, betas: tuple[float, float],
+    eps: float, weight_decay: float, fused: bool = False,
+) -> torch.optim.AdamW:
+    """AdamW over exactly the ``trainable`` parameters (frozen ones get no state). Parameters
+    with an entry in ``state`` resume from it. Biases and norm gains get no weight decay."""
+    decay, no_decay = [], []
+    names: dict[nn.Parameter, str] = {}
+    for name, p in model.named_parameters():
+        if name in trainable:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+            names[p] = name
+    groups = [g for g in (
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    opt._vermeer_names = names  # type: ignore[attr-defined]
+    for p, name in names.items():
+        if name in state:
+            opt.state[p] = state[name]
+    return opt
+
+
+def park_state(opt: torch.optim.Optimizer, state: OptimState) -> None:
+    """Copy the optimizer's per-parameter state into ``state`` by name (before the optimizer is
+    dropped at a phase change or growth)."""
+    names: dict[Any, str] = opt._vermeer_names  # type: ignore[attr-defined]
+    for p, s in opt.state.items():
+        if s:
+            state[names[p]] = s

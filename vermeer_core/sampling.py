@@ -1,0 +1,104 @@
+"""Generating images from a model, sample grids and the loss plot (PNG files)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from vermeer_core.diffusion import sample
+from vermeer_core.io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["generate", "to_uint8", "save_png", "save_grid", "plot_losses"]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, prompts: Sequence[str], *, spec: Any, schedule: Any, sampler: Any, resolution: int,
+    device: torch.device, steps: int | None = None, guidance: float | None = None, seed: int | None = None,
+) -> Tensor:
+    """Images for ``prompts`` with the spec's sampling settings (overridable), in [-1, 1].
+
+    Every rank samples every prompt with the same generator, so the result does not depend on
+    the world size (FSDP needs all ranks in each forward anyway)."""
+    s = spec.sampling
+    gen = torch.Generator(device=device).manual_seed(s.seed if seed is None else seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.train.precision == "bf16" and device.type == "cpu"):
+            out = sample(
+                model, list(prompts), schedule=schedule, sampler=sampler, resolution=resolution,
+                steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
+                prediction=spec.diffusion.prediction, generator=gen, device=device,
+            )
+    finally:
+        model.train(was_training)
+    return out.float().cpu()
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(image: Tensor, url: str) -> None:
+    """One (3,H,W) image in [-1,1] as a PNG at ``url`` (any fsspec URL), written atomically."""
+    atomic_write_bytes(url, _png(to_uint8(image[None])[0]))
+
+
+def save_grid(images: Tensor, prompts: Sequence[str], url: str, pad: int = 2) -> None:
+    """A grid PNG of ``images`` and, beside it (``.txt``), their prompts in reading order."""
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
+    atomic_write_bytes(url, _png(grid))
+    text = "".join(f"{i}: {p}\n" for i, p in enumerate(prompts))
+    atomic_write_text(url.rsplit(".", 1)[0] + ".txt", text)
+
+
+def plot_losses(metrics_url: str, out_url: str) -> None:
+    """Loss against step from ``metrics.jsonl``, one colour per stage (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with fsspec.open(metrics_url, "r") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    stages = sorted({r["stage"] for r in records})
+    for k in stages:
+        pts = [(r["step"], r["loss"]) for r in records if r["stage"] == k]
+        res = next(r["resolution"] for r in records if r["stage"] == k)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"stage {k} ({res}px)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out_url, buf.getvalue())

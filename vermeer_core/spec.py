@@ -1,0 +1,344 @@
+"""Run specs: pydantic models, YAML loading, ``--set`` overrides and readable errors.
+
+Component references are ``{type: <registered name>, ...config}``. Their types are unions over
+the registry's configs, so the concrete spec model exists only once plugins have loaded:
+:func:`spec_model` builds it from a :class:`~vermeer_core.registry.Registry`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
+
+from vermeer_core.registry import Registry
+
+__all__ = [
+    "SpecError",
+    "RunSpec",
+    "spec_model",
+    "load_spec",
+    "parse_spec",
+    "apply_overrides",
+    "spec_hash",
+    "dump_spec",
+]
+
+
+class SpecError(ValueError):
+    """A spec the user wrote is wrong. ``problems`` holds (dotted path, message) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{path}: {msg}" if path else msg for path, msg in problems]
+        super().__init__(f"invalid spec {source}:\n  " + "\n  ".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _ref(default: dict[str, Any] | None = None, description: str = "") -> Any:
+    if default is None:
+        return Field(..., description=description)
+    return Field(default_factory=lambda: dict(default), validate_default=True, description=description)
+
+
+class ModelSpec(_Strict):
+    grid: int = Field(16, ge=1, description="side of the core's token grid (G)")
+    cond_dim: int = Field(256, gt=0, description="width of the time + pooled-text conditioning vector")
+    widths: dict[int, int] = Field(
+        ...,
+        description="conv channels per resolution G*2^i, from G (the core's input/output "
+        "channels) up to the largest stage resolution",
+    )
+    core: Any = _ref(description="core component, e.g. {type: shallow-uvit, width: 512, depth: 8}")
+    block: Any = _ref({"type": "resblock"}, "encoder/decoder block family")
+    text_encoder: Any = _ref({"type": "tiny"}, "text encoder")
+    attention: Any = _ref({"type": "auto"}, "attention kernel for the core")
+
+
+class DiffusionSpec(_Strict):
+    schedule: Any = _ref({"type": "shifted-cosine"}, "noise schedule")
+    prediction: Literal["v", "eps"] = Field("v", description="what the network predicts")
+    cond_drop: float = Field(0.1, ge=0.0, le=1.0, description="caption dropout probability (for CFG)")
+
+
+DEFAULT_PROMPTS = (
+    "a large red circle",
+    "a small blue square above a large yellow triangle",
+    "two green circles",
+    "a small white triangle left of a large red square",
+)
+
+
+class SamplingSpec(_Strict):
+    sampler: Any = _ref({"type": "dpmpp-2m"}, "reverse-process solver")
+    steps: int = Field(32, gt=0)
+    guidance: float = Field(3.0, ge=0.0, description="classifier-free guidance weight; 1 = none")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+    seed: int = 0
+
+
+class OptimSpec(_Strict):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warmup at the start of every phase")
+    decay: Literal["constant", "cosine"] = "constant"
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class EMASpec(_Strict):
+    decay: float = Field(0.999, ge=0.0, lt=1.0)
+
+
+class TrainSpec(_Strict):
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: FSDP MixedPrecisionPolicy on CUDA, autocast on CPU"
+    )
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(2, ge=2)
+    max_bad_steps: int = Field(5, gt=0, description="non-finite losses in a row that stop the run")
+    activation_checkpointing: bool = False
+    compile: bool = False
+    replicate: int = Field(1, ge=1, description="HSDP replica groups (1 = plain FSDP)")
+
+
+class StageSpec(_Strict):
+    resolution: int = Field(..., gt=0)
+    batch_size: int = Field(..., gt=0, description="global batch size")
+    growth: Any = _ref(description="growth policy, e.g. {type: greedy}")
+
+
+class RunSpec(_Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 0
+    model: ModelSpec
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    data: Any = _ref({"type": "synthetic"}, "dataset")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    ema: EMASpec | None = Field(default_factory=EMASpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    stages: list[StageSpec] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RunSpec:
+        grid = self.model.grid
+        problems: list[str] = []
+        prev = 0
+        for i, stage in enumerate(self.stages):
+            r = stage.resolution
+            k = math.log2(r / grid) if r >= grid else -1.0
+            if k < 0 or k != int(k):
+                options = ", ".join(str(grid * 2**j) for j in range(0, 7))
+                problems.append(
+                    f"stages.{i}.resolution: {r} is not grid*2^k (grid={grid}); use one of {options}, ..."
+                )
+            if r <= prev:
+                problems.append(f"stages.{i}.resolution: {r} must be larger than the previous stage's {prev}")
+            prev = max(prev, r)
+        needed = []
+        r = grid
+        while r <= prev:
+            needed.append(r)
+            r *= 2
+        missing = [r for r in needed if r not in self.model.widths]
+        if missing:
+            problems.append(f"model.widths: missing channels for resolution(s) {missing} (needed: {needed})")
+        extra = sorted(set(self.model.widths) - set(needed))
+        if extra:
+            problems.append(f"model.widths: resolution(s) {extra} are not used by any stage (used: {needed})")
+        bad = [f"{r}: {c}" for r, c in self.model.widths.items() if c <= 0]
+        if bad:
+            problems.append(f"model.widths: channels must be positive ({', '.join(bad)})")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def spec_model(registry: Registry) -> type[RunSpec]:
+    """The RunSpec model whose component fields are unions over ``registry``'s configs (built
+    once per registry state, so specs parsed against the same registry compare equal)."""
+    if "spec_model" not in registry.cache:
+        registry.cache["spec_model"] = _build_spec_model(registry)
+    return registry.cache["spec_model"]
+
+
+def _build_spec_model(registry: Registry) -> type[RunSpec]:
+    def component(kind: str, base: type[BaseModel], field: str) -> tuple[Any, FieldInfo]:
+        models = registry.spec_models(kind)
+        info = base.model_fields[field]
+        if len(models) == 1:
+            return models[0], info
+        # the base field's default/description plus a discriminator on ``type``
+        return Union[tuple(models)], FieldInfo.merge_field_infos(info, discriminator="type")
+
+    model = create_model(
+        "ModelSpec",
+        __base__=ModelSpec,
+        core=component("core", ModelSpec, "core"),
+        block=component("block", ModelSpec, "block"),
+        text_encoder=component("text_encoder", ModelSpec, "text_encoder"),
+        attention=component("attention", ModelSpec, "attention"),
+    )
+    diffusion = create_model(
+        "DiffusionSpec", __base__=DiffusionSpec, schedule=component("noise_schedule", DiffusionSpec, "schedule")
+    )
+    sampling = create_model("SamplingSpec", __base__=SamplingSpec, sampler=component("sampler", SamplingSpec, "sampler"))
+    stage = create_model("StageSpec", __base__=StageSpec, growth=component("growth_policy", StageSpec, "growth"))
+    return create_model(
+        "RunSpec",
+        __base__=RunSpec,
+        model=(model, ...),
+        diffusion=(diffusion, Field(default_factory=lambda: diffusion())),
+        data=component("dataset", RunSpec, "data"),
+        sampling=(sampling, Field(default_factory=lambda: sampling())),
+        stages=(list[stage], Field(..., min_length=1)),
+    )
+
+
+# --- errors ---------------------------------------------------------------------------------
+def _readable_loc(loc: tuple[Any, ...], data: Any) -> str:
+    """Dotted path of a pydantic error location without union tags (``growth.greedy.x`` ->
+    ``growth.x``), following the input data to tell tags from keys."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(node, dict) and item not in node and str(item) not in node:
+            if node.get("type") == item:
+                continue  # the discriminator tag pydantic inserts
+            if isinstance(item, str) and item.endswith("]"):  # dict-key errors: '[key]'
+                parts.append(item)
+                node = None
+                continue
+        parts.append(str(item))
+        if isinstance(node, dict):
+            node = node.get(item, node.get(str(item)))
+        elif isinstance(node, list) and isinstance(item, int) and item < len(node):
+            node = node[item]
+        else:
+            node = None
+    return ".".join(parts)
+
+
+def _message(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if err["type"] == "union_tag_invalid":
+        return f"unknown type {ctx.get('tag')!r}; registered: {ctx.get('expected_tags')}"
+    if err["type"] == "union_tag_not_found":
+        return "missing 'type': say which registered component to use"
+    if err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "type":
+        return f"unknown type {err.get('input')!r}; registered: {ctx.get('expected')}"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def _problems(exc: ValidationError, data: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        path = _readable_loc(tuple(err["loc"]), data)
+        msg = _message(err)
+        if not path:
+            # cross-field rules name their own paths, one problem per line
+            for line in msg.split("\n"):
+                p, sep, m = line.partition(": ")
+                out.append((p, m) if sep and " " not in p else ("", line))
+        else:
+            out.append((path, msg))
+    return out
+
+
+# --- loading --------------------------------------------------------------------------------
+def _set_path(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise SpecError(source, [(where, f"--set: no list item {key!r} (the list has {len(node)} items)")])
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise SpecError(source, [(where, f"--set: cannot descend into a {type(node).__name__}")])
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "<spec>") -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML: numbers, bools, lists...)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(source, [("", f"--set {item!r}: expected KEY=VALUE, e.g. stages.0.batch_size=8")])
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise SpecError(source, [(key, f"--set value {raw!r} is not valid YAML: {exc}")]) from None
+        _set_path(data, key.strip(), value, source)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(str(path), [("", f"spec file not found: {path} (working directory: {Path.cwd()})")])
+    if path.is_dir():
+        raise SpecError(str(path), [("", f"{path} is a directory; give a .yaml spec file")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise SpecError(str(path), [("", f"YAML syntax error at {where}: {exc.problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [("", f"YAML error: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError(str(path), [("", f"the spec must be a YAML mapping, got {type(data).__name__}")])
+    return data
+
+
+def parse_spec(data: dict[str, Any], registry: Registry, source: str = "<spec>") -> RunSpec:
+    try:
+        model = spec_model(registry)
+    except ValueError as exc:  # a kind with no registered component (plugins disabled/broken)
+        raise SpecError(source, [("", str(exc))]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, _problems(exc, data)) from None
+
+
+def load_spec(path: str | Path, registry: Registry, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """Read, override and validate a YAML spec; raises :class:`SpecError` with readable paths."""
+    data = apply_overrides(read_yaml(path), list(overrides), str(path))
+    return parse_spec(data, registry, str(path))
+
+
+def dump_spec(spec: BaseModel) -> str:
+    """The fully resolved spec as YAML (written as ``spec.lock.yaml``)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def spec_hash(spec: BaseModel) -> str:
+    canon = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
