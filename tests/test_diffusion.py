@@ -82,6 +82,8 @@ class KnownOutputModel:
         return embed_lengths(captions)
 
     def __call__(self, x: Tensor, logsnr: Tensor, text: TextEmbedding) -> Tensor:
+        if not isinstance(text, TextEmbedding):
+            text = self.encode_text(text)
         self.forward_batches.append(x.shape[0])
         self.last_text = text
         return text.pooled.view(-1, 1, 1, 1) + 0.5 * x + 0.1 * logsnr.view(-1, 1, 1, 1)
@@ -135,6 +137,8 @@ def test_guidance_needs_uncond_text() -> None:
 # --- diffusion_loss --------------------------------------------------------------------------
 class SpyModel(KnownOutputModel):
     def __call__(self, x: Tensor, logsnr: Tensor, text: TextEmbedding) -> Tensor:
+        if not isinstance(text, TextEmbedding):
+            text = self.encode_text(text)
         self.seen = (x, logsnr)
         return super().__call__(x, logsnr, text)
 
@@ -221,6 +225,8 @@ class TinyConvModel(nn.Module):
         return TextEmbedding(tokens=pooled[:, None], mask=mask, pooled=pooled)
 
     def forward(self, x: Tensor, logsnr: Tensor, text: TextEmbedding) -> Tensor:
+        if not isinstance(text, TextEmbedding):
+            text = self.encode_text(text)
         cond = (text.pooled + self.time(logsnr[:, None] / 10))[:, :, None, None]
         h = nn.functional.silu(self.inp(x) + cond)
         skip = self.skip(logsnr[:, None] / 10)[:, :, None, None]
@@ -262,6 +268,8 @@ class PointModel(KnownOutputModel):
         self.c, self.prediction = c, prediction
 
     def __call__(self, x: Tensor, logsnr: Tensor, text: TextEmbedding) -> Tensor:
+        if not isinstance(text, TextEmbedding):
+            text = self.encode_text(text)
         self.forward_batches.append(x.shape[0])
         alpha, sigma = (v.view(-1, 1, 1, 1) for v in alpha_sigma(logsnr))
         eps = (x - alpha * self.c) / sigma
@@ -299,6 +307,8 @@ class SmallOutputModel(KnownOutputModel):
     """v = 0.01 len(caption): x0_hat ~ alpha x_t, so samples are noise-like and partly clamped."""
 
     def __call__(self, x: Tensor, logsnr: Tensor, text: TextEmbedding) -> Tensor:
+        if not isinstance(text, TextEmbedding):
+            text = self.encode_text(text)
         return 0.01 * text.pooled.view(-1, 1, 1, 1).expand_as(x)
 
 

@@ -41,7 +41,9 @@ class DiffusionModel(Protocol):
 
     def encode_text(self, captions: Sequence[str]) -> TextEmbedding: ...
 
-    def __call__(self, x: Tensor, logsnr: Tensor, text: TextEmbedding) -> Tensor: ...
+    def __call__(self, x: Tensor, logsnr: Tensor, text: TextEmbedding | Sequence[str]) -> Tensor:
+        """``text`` is an embedding from ``encode_text`` or the captions themselves (then encoded
+        inside the forward: what training uses, so a sharded model sees one root forward)."""
 
 
 def _check_prediction(prediction: str) -> None:
@@ -163,7 +165,7 @@ def diffusion_loss(
     logsnr = schedule.logsnr(t, resolution)
     alpha, sigma = alpha_sigma(logsnr)
     x_t = _per_example(alpha, images) * images + _per_example(sigma, images) * eps
-    out = model(x_t, logsnr, model.encode_text(captions))
+    out = model(x_t, logsnr, captions)
     # fp32 reduction: under bf16 autocast the squared error of small residuals underflows.
     return F.mse_loss(out.float(), target(images, eps, alpha, sigma, prediction).float())
 

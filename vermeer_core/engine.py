@@ -288,9 +288,10 @@ class Engine:
             if start >= slot.end:
                 continue
             self._run_phase(slot, max(start, slot.start), model, ema, optim, data, it, flops, peak)
-        self._write_samples(stage, model, ema)
         end = slots[-1].end
-        if start < end:  # a stage-boundary checkpoint (unless we resumed from exactly there)
+        if start < end:  # else we resumed from this stage's final checkpoint: all done before it
+            # samples first, then the stage-boundary checkpoint: a committed stage has its samples
+            self._write_samples(stage, model, ema)
             self._save(end, slots[-1], model, ema, optim, data)
         summary["stages"].append({"stage": stage, "resolution": st.resolution, "gflop_per_image": flops / 1e9})
         return self._carry(model, ema, optim)
@@ -389,6 +390,9 @@ class Engine:
         with ema.swapped_in(model):
             images = generate(model, s.prompts, spec=self.spec, schedule=self.schedule, sampler=self.sampler,
                               resolution=st.resolution, device=self.d.device)
+            # FSDP2 keeps the root's parameters unsharded after a forward (it expects a backward);
+            # reshard so the EMA swap restores into the sharded parameters.
+            model.reshard()
         if self.rank0:
             name = f"stage{stage}-{st.resolution}px"
             save_grid(images, s.prompts, join(self.out, "samples", name + ".png"))

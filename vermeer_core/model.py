@@ -12,7 +12,7 @@ carry over unchanged. The topology of a stage is a pure function of (spec, stage
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Sequence, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -140,7 +140,12 @@ class VermeerModel(nn.Module):
     def encode_text(self, captions: list[str]) -> TextEmbedding:
         return self.text(captions)
 
-    def forward(self, x_t: Tensor, logsnr: Tensor, text: TextEmbedding) -> Tensor:
+    def forward(self, x_t: Tensor, logsnr: Tensor, text: TextEmbedding | Sequence[str]) -> Tensor:
+        """Raw network output for noisy images ``x_t`` at ``logsnr``. ``text`` is an embedding
+        from :meth:`encode_text` or the captions (encoded here: the training path, so that a
+        sharded model runs text encoding inside its root forward)."""
+        if not isinstance(text, TextEmbedding):
+            text = self.text(list(text))
         if x_t.shape[-2:] != (self.resolution, self.resolution):
             raise ValueError(
                 f"this stage's model takes {self.resolution}x{self.resolution} images, got "
