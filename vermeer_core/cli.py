@@ -8,14 +8,13 @@ import json
 import sys
 from collections.abc import Sequence
 
+from vermeer_core.errors import VermeerError
 from vermeer_core.plugins import PluginError, get_plugins
 from vermeer_core.spec import SpecError, load_spec, spec_model
 
-__all__ = ["main", "UserError"]
+__all__ = ["main", "build_parser"]
 
 
-class UserError(RuntimeError):
-    """A problem the user can fix (a path, a checkpoint, data); printed without traceback."""
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -155,13 +154,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                f"--nproc-per-node={args.nproc_per_node}", "-m", "vermeer_core", *cleaned]
         return subprocess.call(cmd)
     from vermeer_core.distributed import init_distributed, shutdown
-    from vermeer_core.engine import Engine, RunError
+    from vermeer_core.engine import Engine
 
     d = init_distributed(device=args.device, replicate=spec.train.replicate)
     try:
         Engine(spec, plugins, out, d, resume=args.resume).run()
-    except RunError as exc:
-        raise UserError(str(exc)) from None
     finally:
         shutdown()
     if d.rank == 0:
@@ -178,14 +175,11 @@ def _device(name: str):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from vermeer_core.inference import InferenceError, load_model
+    from vermeer_core.inference import load_model
     from vermeer_core.sampling import generate, save_grid, save_png
 
     registry = get_plugins().registry
-    try:
-        spec, model, stage = load_model(args.checkpoint, registry)
-    except InferenceError as exc:
-        raise UserError(str(exc)) from None
+    spec, model, stage = load_model(args.checkpoint, registry)
     device = _device(args.device)
     model.to(device)
     sampler_ref = spec.sampling.sampler
@@ -205,12 +199,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from vermeer_core.inference import InferenceError, export_safetensors
+    from vermeer_core.inference import export_safetensors
 
-    try:
-        info = export_safetensors(args.checkpoint, args.out, get_plugins().registry)
-    except InferenceError as exc:
-        raise UserError(str(exc)) from None
+    info = export_safetensors(args.checkpoint, args.out, get_plugins().registry)
     print(f"wrote {args.out}: {info['tensors']} tensors, stage {info['stage']}, {info['resolution']}px")
     return 0
 
@@ -226,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except UserError as exc:
+    except VermeerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from vermeer_core.checkpoint import Checkpointer
 from vermeer_core.diffusion import diffusion_loss
 from vermeer_core.distributed import DistInfo, parallelize
 from vermeer_core.ema import EMA
+from vermeer_core.errors import VermeerError
 from vermeer_core.io import atomic_write_text, join
 from vermeer_core.metrics import MetricsLog, memory_bytes, peak_flops
 from vermeer_core.plan import stage_forward_flops
@@ -38,7 +39,7 @@ from vermeer_core.spec import RunSpec, dump_spec, spec_hash
 __all__ = ["Engine", "RunError", "RESUMABLE_CHANGES", "spec_changes"]
 
 
-class RunError(RuntimeError):
+class RunError(VermeerError):
     """The run cannot go on; the message says why and what is safe (e.g. the last checkpoint)."""
 
 
@@ -272,13 +273,19 @@ class Engine:
         )
         if url is not None and meta is not None:
             optim = self._load(url, model, ema, meta["optim_names"])
-            rank_state = self.ckpt.read_rank_state(url, rank)
-            if meta["world_size"] != world or rank_state is None:
-                raise RunError(
-                    f"{url} was written by {meta['world_size']} ranks; this run has {world}. Model, EMA and "
-                    "optimizer would reshard, but per-rank data positions would not match: resume with "
-                    f"--nproc-per-node {meta['world_size']}"
+            if meta["world_size"] == world:
+                rank_state = self.ckpt.read_rank_state(url, rank)
+            else:
+                # DCP reshards model, EMA and optimizer; a data position is per rank, so every
+                # rank starts from rank 0's and the dataset maps it onto its own share.
+                rank_state = self.ckpt.read_rank_state(url, 0)
+                self._say(
+                    f"{url} was written by {meta['world_size']} ranks, this run has {world}: model, EMA and "
+                    "optimizer are resharded; data positions restart from rank 0's (the dataset decides how "
+                    "exactly it can map them: see its docs)"
                 )
+            if rank_state is None:
+                raise RunError(f"{url} has no data position for rank {rank}: the checkpoint is damaged")
             data.load_state_dict(rank_state["data"])
         flops = stage_forward_flops(spec, self.registry, stage)
         peak = peak_flops(self.d.device, self.bf16)
@@ -372,6 +379,9 @@ class Engine:
                     "tflops": achieved / 1e12, "mfu": (achieved / self.d.world_size / peak) if peak else None,
                     "mem_bytes": memory_bytes(self.d.device), "time": time.time(),
                 }
+                stats = getattr(data, "stats", None)  # optional: e.g. skipped corrupt samples by reason
+                if callable(stats):
+                    last.update({f"data_{k}": v for k, v in stats().items()})
                 self.metrics.log(last)
                 t_log, imgs = time.perf_counter(), 0
             # Stage ends are checkpointed by _run_stage, after the stage's samples exist.

@@ -6,11 +6,11 @@ import json
 from typing import Any
 
 import fsspec
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
 from vermeer_core.checkpoint import MARKER, Checkpointer
+from vermeer_core.errors import VermeerError
 from vermeer_core.io import atomic_write_bytes, join
 from vermeer_core.model import VermeerModel, replay
 from vermeer_core.registry import Registry
@@ -19,7 +19,7 @@ from vermeer_core.spec import RunSpec, parse_spec
 __all__ = ["InferenceError", "resolve_checkpoint", "load_checkpoint", "load_model", "export_safetensors"]
 
 
-class InferenceError(RuntimeError):
+class InferenceError(VermeerError):
     """A checkpoint or weights file cannot be used; the message says which and why."""
 
 
@@ -81,8 +81,6 @@ def load_model(url: str, registry: Registry) -> tuple[RunSpec, VermeerModel, int
             raise InferenceError(f"no such weights file: {url}")
         with fs.open(path, "rb") as f:
             blob = f.read()
-        from safetensors import safe_open  # noqa: F401 - metadata via the raw header below
-
         header_len = int.from_bytes(blob[:8], "little")
         metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
         if "vermeer_spec" not in metadata:
@@ -94,5 +92,3 @@ def load_model(url: str, registry: Registry) -> tuple[RunSpec, VermeerModel, int
         return spec, model, stage
     return load_checkpoint(url, registry)
 
-
-_ = torch

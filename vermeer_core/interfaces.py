@@ -144,7 +144,12 @@ class DataStream(Protocol):
     def state_dict(self) -> dict[str, Any]:
         """Position such that ``load_state_dict`` resumes with the next unseen batch."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``. At a changed world size every rank gets rank 0's state and
+        maps it onto its own share as well as it can (say how in the dataset's docs)."""
+
+    # Optional: ``stats() -> dict[str, int]``: counters (e.g. corrupt samples skipped, by
+    # reason); the engine logs them in metrics.jsonl as ``data_<name>`` on every log step.
 
 
 # A dataset factory: ``factory(config, *, resolution: int, batch_size: int, rank: int,
@@ -169,8 +174,10 @@ class Phase:
 class GrowthPolicy(Protocol):
     def grow(self, prev: VermeerModel | None, ctx: GrowthContext) -> VermeerModel:
         """Return the model for stage ``ctx.stage`` (``prev`` is None at stage 0). Must be a
-        pure function of (spec, stage) given ``prev``: no randomness outside ``ctx.generator``
-        seeded init, no data. Reused modules keep their parameter names and tensors."""
+        pure function of (spec, stage) given ``prev``: new weights come from torch's global
+        generator, which the caller seeds from (spec.seed, stage) inside ``fork_rng``; no data.
+        Reused modules keep their parameter names and tensors. Record every module created
+        here in the returned model's ``new_modules``."""
 
     def phases(self, ctx: GrowthContext) -> list[Phase]:
         """The phases of stage ``ctx.stage``, in order."""
