@@ -57,6 +57,9 @@ class _PhasesConfig(ComponentConfig):
     def _unique(cls, phases: list[PhaseConfig]) -> list[PhaseConfig]:
         return _check_phases(phases)
 
+    def smoke(self) -> _PhasesConfig:
+        return self.model_copy(update={"phases": [p.model_copy(update={"steps": 2}) for p in self.phases]})
+
 
 class GreedyGrowthConfig(_PhasesConfig):
     phases: list[PhaseConfig] = Field(

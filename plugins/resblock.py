@@ -37,6 +37,9 @@ class ResBlockConfig(ComponentConfig):
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before each block's second conv")
 
+    def smoke(self) -> ResBlockConfig:
+        return self.model_copy(update={"num_res_blocks": 1})
+
 
 def group_count(channels: int, groups: int) -> int:
     """The largest divisor of ``channels`` that is at most ``groups`` (GroupNorm needs one)."""

@@ -55,6 +55,9 @@ class ShallowUViTConfig(ComponentConfig):
             )
         return self
 
+    def smoke(self) -> ShallowUViTConfig:
+        return self.model_copy(update={"width": 32, "depth": 1, "heads": 2})
+
 
 def sincos_2d(grid: int, dim: int) -> Tensor:
     """Fixed 2D sine-cosine position table (G*G, dim): 1D sin-cos of Vaswani et al. (2017) on
@@ -75,8 +78,17 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, x, 1 + scale)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose gain follows the input's dtype: under autocast the activations are
+    bf16 while parameters stay fp32, and torch's fused kernel needs both in one dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 def _qk_norm(head_dim: int, enabled: bool) -> nn.Module:
-    return nn.RMSNorm(head_dim) if enabled else nn.Identity()
+    return RMSNorm(head_dim) if enabled else nn.Identity()
 
 
 class SelfAttention(nn.Module):

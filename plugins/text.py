@@ -56,6 +56,9 @@ class TinyTextConfig(ComponentConfig):
             )
         return self
 
+    def smoke(self) -> TinyTextConfig:
+        return self.model_copy(update={"dim": 32, "depth": 1, "heads": 2})
+
 
 def tokenize(captions: Sequence[str], max_tokens: int) -> tuple[Tensor, Tensor]:
     """Byte tokens ``[BOS, bytes..., EOS, PAD...]`` padded to the longest caption of the batch.

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="launch N ranks on this node through torch.distributed.run")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--smoke", action="store_true",
+                   help="every stage and phase for 2 steps with tiny widths (checks a schedule end to end on CPU)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sample", help="generate images from a checkpoint, run directory or .safetensors")
@@ -144,10 +146,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     plugins = get_plugins()
     spec = load_spec(args.spec, plugins.registry, args.overrides)  # exit 2 before any output exists
+    if args.smoke:
+        from vermeer_core.smoke import smoke_spec
+
+        spec = smoke_spec(spec, plugins.registry, world_size=max(1, args.nproc_per_node))
     out = args.out or join("runs", spec.name)
     if args.nproc_per_node > 1 and "RANK" not in os.environ:
         # torch's launcher starts N copies of this same command (without --nproc-per-node)
         cleaned = ["run", args.spec, "--out", out, "--resume", args.resume, "--device", args.device]
+        if args.smoke:
+            cleaned.append("--smoke")
         for item in args.overrides:
             cleaned += ["--set", item]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

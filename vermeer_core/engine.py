@@ -327,8 +327,12 @@ class Engine:
             for g in opt.param_groups:
                 g["lr"] = lr
             torch.manual_seed(_mix(spec.seed, step, self.d.rank, 1))
+            # Rank r's i-th example sits at position i*w + r of the global batch (datasets split
+            # a batch by interleaving: rank r takes samples r, r+w, ...), so seeding by that
+            # position gives every image the same noise at any world size.
+            world = self.d.world_size
             gens = [
-                torch.Generator(device=self.d.device).manual_seed(_mix(spec.seed, step, self.d.rank * local + i))
+                torch.Generator(device=self.d.device).manual_seed(_mix(spec.seed, step, i * world + self.d.rank))
                 for i in range(local)
             ]
             images = batch.images.to(self.d.device, non_blocking=True)

@@ -28,6 +28,11 @@ class ComponentConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    def smoke(self) -> ComponentConfig:
+        """A scaled-down copy for ``vermeer run --smoke`` (every stage for a few steps on a CPU,
+        same topology). The default keeps the config; override to shrink widths/depths/steps."""
+        return self
+
 
 @dataclass(frozen=True)
 class Component:
