@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from vermeer_core.checkpoint import Checkpointer
 from vermeer_core.diffusion import diffusion_loss
@@ -127,13 +129,14 @@ class Engine:
                 )
         self.metrics: MetricsLog | None = None
         self.losses: list[tuple[int, float]] = []
+        self.skipped_steps = 0  # non-finite steps skipped by this process (logged in metrics)
 
     # --- helpers -----------------------------------------------------------------------------
     def _say(self, text: str) -> None:
         if self.metrics is not None:
             self.metrics.message(text)
         elif self.rank0:
-            print(text, flush=True)
+            print(text, file=sys.stderr, flush=True)  # messages on stderr, like the progress lines
 
     def _barrier(self) -> None:
         if self.d.world_size > 1:
@@ -341,7 +344,8 @@ class Engine:
                     model, images, batch.captions, schedule=self.schedule, resolution=st.resolution,
                     prediction=spec.diffusion.prediction, cond_drop=spec.diffusion.cond_drop, generator=gens,
                 )
-            if _fault_nan(step):
+            done = step + 1  # steps are counted 1-based in metrics, checkpoints and messages
+            if _fault_nan(done):
                 loss = loss * float("nan")
             loss.backward()
             grad_norm = _clip(params, o.grad_clip)
@@ -353,12 +357,13 @@ class Engine:
             if not math.isfinite(loss_v) or stats[1] > 0:
                 opt.zero_grad(set_to_none=True)
                 bad_in_row += 1
-                self._say(f"step {step}: non-finite loss/gradient, step skipped ({bad_in_row} in a row)")
+                self.skipped_steps += 1
+                self._say(f"step {done}: non-finite loss/gradient, step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= spec.train.max_bad_steps:
                     latest = self.ckpt.latest()
                     raise RunError(
                         f"loss was not finite for {bad_in_row} steps in a row (stage {slot.stage}, phase "
-                        f"{slot.phase.name}, step {step}); stopped. Last good checkpoint: {latest or 'none'}. "
+                        f"{slot.phase.name}, step {done}); stopped. Last good checkpoint: {latest or 'none'}. "
                         "Lower optim.lr, raise optim.warmup_steps or enable optim.grad_clip, then resume"
                     )
                 if self.metrics:
@@ -369,7 +374,6 @@ class Engine:
             opt.zero_grad(set_to_none=True)
             ema.update(model, trainable)
             imgs += st.batch_size
-            done = step + 1
             self.losses.append((done, loss_v))
             if self.metrics:
                 self.metrics.advance()
@@ -381,7 +385,8 @@ class Engine:
                     "step": done, "stage": slot.stage, "phase": slot.phase.name, "resolution": st.resolution,
                     "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "images_per_s": ips,
                     "tflops": achieved / 1e12, "mfu": (achieved / self.d.world_size / peak) if peak else None,
-                    "mem_bytes": memory_bytes(self.d.device), "time": time.time(),
+                    "mem_bytes": memory_bytes(self.d.device), "skipped_steps": self.skipped_steps,
+                    **self._state_bytes(model, opt, optim), "time": time.time(),
                 }
                 stats = getattr(data, "stats", None)  # optional: e.g. skipped corrupt samples by reason
                 if callable(stats):
@@ -394,6 +399,15 @@ class Engine:
                 self._save(done, slot, model, ema, optim, data)
         park_state(opt, optim)
         self.plugins.hook.vermeer_phase_end(stage=slot.stage, phase=slot.phase.name, step=slot.end, metrics=last)
+
+    def _state_bytes(self, model: nn.Module, opt: torch.optim.Optimizer, optim: OptimState) -> dict[str, int]:
+        """Bytes of parameters and of optimizer state (live and parked) held by the largest rank:
+        under FSDP each rank holds only its shards, so these fall as 1/world_size."""
+        opt_tensors = {id(t): t for s in (*opt.state.values(), *optim.values()) for t in s.values()}
+        sizes = torch.tensor([_local_bytes(model.parameters()), _local_bytes(opt_tensors.values())])
+        if self.d.world_size > 1:
+            dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        return {"param_bytes": int(sizes[0]), "optim_bytes": int(sizes[1])}
 
     # --- outputs -----------------------------------------------------------------------------------
     def _write_samples(self, stage: int, model: nn.Module, ema: EMA) -> None:
@@ -423,12 +437,21 @@ class Engine:
 
 def _fault_nan(step: int) -> bool:
     """Test-only fault injection: ``VERMEER_FAULT=nan:<first>-<last>`` makes the loss NaN at
-    those global steps (proves the skip-and-stop path)."""
+    those global steps (1-based, as metrics count them; proves the skip-and-stop path)."""
     spec = os.environ.get("VERMEER_FAULT", "")
     if not spec.startswith("nan:"):
         return False
     lo, _, hi = spec[4:].partition("-")
     return int(lo) <= step <= int(hi or lo)
+
+
+def _local_bytes(tensors: Any) -> int:
+    """Bytes this rank stores for ``tensors`` (a DTensor counts its local shard only)."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        total += local.numel() * local.element_size()
+    return total
 
 
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:

@@ -4,8 +4,8 @@ Everything is computed on the meta device (shapes only), so planning an 8B model
 memory and little time. FLOPs are *measured* by ``torch.utils.flop_counter.FlopCounterMode``
 over one forward pass (matmuls, convolutions, attention; elementwise ops are not counted).
 Activation memory is the sum of the tensors autograd saves for backward in that forward
-(``saved_tensors_hooks``), per image, without activation checkpointing — an estimate: views
-that share storage are counted once per save.
+(``saved_tensors_hooks``), per image, weights excluded — an estimate: a tensor saved twice is
+counted twice, and allocator fragmentation and temporaries are not counted.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vermeer_core.distributed import sharded_units
 from vermeer_core.model import VermeerModel, build_stage_model, select_trainable
 from vermeer_core.registry import Registry
 from vermeer_core.schedule_table import step_table
@@ -24,23 +25,49 @@ __all__ = ["plan_rows", "print_plan", "measure_forward", "stage_forward_flops"]
 _CAPTION = "a small red circle above a large blue square"
 
 
-def measure_forward(model: VermeerModel, resolution: int) -> tuple[int, int]:
-    """(forward FLOPs, bytes saved for backward) of one image through a meta-device ``model``."""
+def measure_forward(model: VermeerModel, resolution: int) -> tuple[int, int, int]:
+    """(forward FLOPs, bytes saved for backward, the same with activation checkpointing) of one
+    image through a meta-device ``model``.
+
+    With checkpointing (per core block and encoder/decoder stage, as ``parallelize`` applies
+    it), a unit keeps only its inputs, and one unit's internals live again during its
+    recomputation: estimate = saved outside units + unit inputs + the largest unit's internals.
+    """
     params = {id(p) for p in model.parameters()}
-    saved = 0
+    units = [u for u in sharded_units(model) if u is not model.text]
+    inside: list[int] = []  # bytes saved inside the unit currently running (stack)
+    totals = {"all": 0, "outside": 0, "unit_inputs": 0, "max_unit": 0}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        if id(t) not in params:
-            saved += t.numel() * t.element_size()
+        base = t._base if t._base is not None else t
+        if id(base) not in params and id(t) not in params:  # weights (and their views) are not activations
+            n = t.numel() * t.element_size()
+            totals["all"] += n
+            if inside:
+                inside[-1] += n
+            else:
+                totals["outside"] += n
         return t
 
+    def pre(_m: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        totals["unit_inputs"] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        inside.append(0)
+
+    def post(_m: torch.nn.Module, _args: Any, _out: Any) -> None:
+        totals["max_unit"] = max(totals["max_unit"], inside.pop())
+
+    handles = [h for u in units for h in (u.register_forward_pre_hook(pre), u.register_forward_hook(post))]
     x = torch.zeros(1, 3, resolution, resolution, device="meta")
     logsnr = torch.zeros(1, device="meta")
     counter = FlopCounterMode(display=False)
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, logsnr, model.encode_text([_CAPTION]))
-    return int(counter.get_total_flops()), saved
+    try:
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, logsnr, [_CAPTION])
+    finally:
+        for h in handles:
+            h.remove()
+    checkpointed = totals["outside"] + totals["unit_inputs"] + totals["max_unit"]
+    return int(counter.get_total_flops()), totals["all"], checkpointed
 
 
 def stage_forward_flops(spec: Any, registry: Registry, stage: int) -> int:
@@ -60,7 +87,8 @@ def plan_rows(spec: Any, registry: Registry, world_size: int = 1) -> list[dict[s
     for k, stage in enumerate(spec.stages):
         with torch.device("meta"):
             model = build_stage_model(spec, registry, k, prev=model)
-        flops, act = measure_forward(model, stage.resolution)
+        flops, act_full, act_ckpt = measure_forward(model, stage.resolution)
+        act = act_ckpt if spec.train.activation_checkpointing else act_full
         total = sum(p.numel() for p in model.parameters())
         per_rank_batch = stage.batch_size / world_size
         for slot in (s for s in slots if s.stage == k):
@@ -79,6 +107,8 @@ def plan_rows(spec: Any, registry: Registry, world_size: int = 1) -> list[dict[s
                 "params_trainable": trainable,
                 "gflop_per_image_fwd": flops / 1e9,
                 "activation_bytes_per_image": act,
+                "activation_bytes_per_image_no_checkpointing": act_full,
+                "activation_checkpointing": spec.train.activation_checkpointing,
                 "batch_size": stage.batch_size,
                 "world_size": world_size,
                 "per_rank_state_bytes": int(state),
@@ -123,6 +153,7 @@ def print_plan(spec: Any, rows: list[dict[str, Any]], world_size: int = 1) -> No
     console.print(table)
     console.print(
         "GFLOP/img: one forward pass, measured with torch.utils.flop_counter (x3 for a training "
-        "step). act/img: tensors saved for backward, no activation checkpointing. per-rank "
+        "step). act/img: tensors saved for backward per image (with train.activation_checkpointing "
+        "when the spec enables it: unit inputs + the largest unit's internals). per-rank "
         "state: fp32 params/FSDP + grads + AdamW for trainable params."
     )
