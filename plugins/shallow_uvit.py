@@ -217,7 +217,8 @@ class ShallowUViTCore(nn.Module):
             )
         tokens = self.in_proj(x.flatten(2).transpose(1, 2)) + self.pos_embed
         cond = F.silu(cond)
-        ctx = self.text_norm(self.text_proj(text.tokens))
+        # a frozen encoder may hand over bf16 tokens to an fp32 core
+        ctx = self.text_norm(self.text_proj(text.tokens.to(self.text_proj.weight.dtype)))
         for block in self.blocks:
             tokens = block(tokens, cond, ctx, text.mask)
         shift, scale = self.final_ada(cond)[:, None, :].chunk(2, dim=-1)

@@ -16,6 +16,8 @@ Frozen encoders (``minilm``; ``t5``/``clip`` unless ``frozen: false``) build wit
 ``requires_grad=False`` -- so the model assembly records them as ``always_frozen`` and no phase
 trains them -- and stay in eval mode (no dropout) when the model is put in training mode.
 Their weights are in the model's state dict, so checkpoints carry them like any other tensor.
+``dtype: bf16`` stores and runs the encoder in bf16 and returns bf16 features, which an fp32
+model consumes under ``train.precision: bf16`` (autocast on CPU, FSDP mixed precision on GPU).
 
 **Meta device.** ``vermeer plan`` and :func:`vermeer_core.model.replay` build models under
 ``torch.device("meta")``. There the factory builds the architecture from the local
@@ -165,7 +167,14 @@ class PretrainedTextEncoder(nn.Module):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PretrainedTextEncoder:
         # .to / .cuda / .half / to_empty: cached tensors live on the old device and dtype.
         self._cache.clear()
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        # to_empty (replay's meta -> device step) makes a new Parameter per module, which
+        # unties shared weights (T5's embedding): tie them again, or the copy would count as
+        # a separate, trainable parameter.
+        tie = getattr(self.model, "tie_weights", None)
+        if callable(tie):
+            tie()
+        return self
 
     def train(self, mode: bool = True) -> PretrainedTextEncoder:
         super().train(mode)
@@ -215,7 +224,8 @@ class PretrainedTextEncoder(nn.Module):
             out = self._encode(missing)
             lengths = out.mask.sum(1).tolist()
             for i, caption in enumerate(missing):
-                self._cache[(prefix, caption)] = (out.tokens[i, : lengths[i]], out.pooled[i])
+                # Clones: a view would keep the whole padded batch alive in the cache.
+                self._cache[(prefix, caption)] = (out.tokens[i, : lengths[i]].clone(), out.pooled[i].clone())
         entries = []
         for caption in captions:
             self._cache.move_to_end((prefix, caption))
@@ -280,6 +290,16 @@ def _check_dir(path: Path, name: str, weights: bool) -> None:
         )
 
 
+def _check_length(name: str, path: Path, config: Any, max_tokens: int) -> None:
+    # T5's relative positions have no limit; BERT's and CLIP's learned positions do.
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_tokens > limit:
+        raise VermeerError(
+            f"text_encoder {name!r}: max_tokens {max_tokens} exceeds the {limit} positions of "
+            f"the model at {str(path)!r}; set max_tokens <= {limit}"
+        )
+
+
 def _load(
     name: str,
     path: Path,
@@ -305,11 +325,14 @@ def _load(
                     f"text_encoder {name!r}: {str(path)!r} holds a {config.model_type!r} model, "
                     f"expected one of {', '.join(model_types)}"
                 )
+            # A whole CLIP checkpoint nests the text tower's config; the model class finds it.
+            text_config = getattr(config, "text_config", config)
+            _check_length(name, path, text_config, max_tokens)
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
             cls = getattr(transformers, model_class)
             torch_dtype = _DTYPES[dtype]
             if meta:
-                model = cls(getattr(config, "text_config", config)).to(torch_dtype)
+                model = cls(text_config).to(torch_dtype)
             else:
                 model = cls.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
@@ -317,13 +340,6 @@ def _load(
                 f"text_encoder {name!r}: cannot load {str(path)!r} ({type(exc).__name__}: "
                 f"{exc}); expected {_EXPECTED}"
             ) from exc
-    cfg = model.config
-    limit = getattr(cfg, "max_position_embeddings", None)
-    if limit is not None and max_tokens > limit:
-        raise VermeerError(
-            f"text_encoder {name!r}: max_tokens {max_tokens} exceeds the {limit} positions the "
-            f"model at {str(path)!r} has; set max_tokens <= {limit}"
-        )
     if not tokenizer("")["input_ids"]:
         raise VermeerError(
             f"text_encoder {name!r}: the tokenizer at {str(path)!r} gives the empty caption no "
@@ -332,7 +348,7 @@ def _load(
     return PretrainedTextEncoder(
         model,
         tokenizer,
-        dim=int(cfg.hidden_size),
+        dim=int(model.config.hidden_size),
         max_tokens=max_tokens,
         frozen=frozen,
         cache_size=cache_size if cache else 0,
