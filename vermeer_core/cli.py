@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_cmd_sample)
 
+    from vermeer_core.data_cli import register as register_data
+
+    register_data(sub)
+
     p = sub.add_parser("export", help="write consolidated EMA weights + spec as safetensors")
     p.add_argument("checkpoint", help="checkpoint dir or run dir (newest checkpoint)")
     p.add_argument("--out", required=True, help="output .safetensors path/URL")
