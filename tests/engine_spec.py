@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,12 @@ import yaml
 
 __all__ = [
     "BASE",
+    "PHASE_OF_STEP",
+    "ROOT",
     "TOTAL_STEPS",
     "STAGE0_END",
     "committed_steps",
+    "consolidate",
     "cli_env",
     "read_metrics",
     "reference_run",
@@ -63,6 +67,10 @@ BASE: dict[str, Any] = {
 }
 TOTAL_STEPS = 12
 STAGE0_END = 6
+#: (stage, phase name) of every global step
+PHASE_OF_STEP: dict[int, tuple[int, str]] = {
+    **{s: (0, "core") for s in range(1, 7)}, 7: (1, "A"), 8: (1, "A"), **{s: (1, "B") for s in range(9, 13)},
+}
 
 
 def spec_data(**train: Any) -> dict[str, Any]:
@@ -111,13 +119,29 @@ def committed_steps(run: Path) -> list[int]:
 _REFERENCE: dict[str, Path] = {}
 
 
-def reference_run(base: Path) -> Path:
-    """An uninterrupted CLI run of :data:`BASE` (once per test session; treat it as read-only:
-    copy it before resuming or changing it)."""
+def reference_run(tmp_path_factory: Any) -> Path:
+    """An uninterrupted CLI run of :data:`BASE` with ``train.checkpoint_every=6`` (once per
+    test session; treat it as read-only: copy it before resuming or changing it)."""
     if "run" not in _REFERENCE:
-        spec = write_spec(base / "reference.yaml")
+        base = tmp_path_factory.mktemp("reference")
+        # checkpoints only at stage ends (6, 12): cheaper, and the resume tests, which save
+        # every 2 steps, then also show that checkpointing does not perturb training
+        spec = write_spec(base / "reference.yaml", spec_data(checkpoint_every=6))
         out = base / "reference-run"
         r = run_cli(["run", str(spec), "--out", str(out), "--resume", "never"])
         assert r.returncode == 0, r.stderr
         _REFERENCE["run"] = out
     return _REFERENCE["run"]
+
+
+def consolidate(checkpoint: Path, tmp: Path) -> dict[str, Any]:
+    """All tensors of a DCP checkpoint as full (unsharded) tensors, read by torch's own
+    converter: an independent view of what was saved, whatever world size wrote it."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "no process group, assuming a single process"
+        dcp_to_torch_save(str(checkpoint), str(out))
+    return torch.load(out, weights_only=False)

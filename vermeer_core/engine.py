@@ -11,6 +11,7 @@ generator states, and world sizes 1 and N see the same random numbers for the sa
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -172,7 +174,10 @@ class Engine:
                 raise RunError(f"stage {stage} reuses {missing[:3]} but the previous stage has no such tensors")
             set_model_state_dict(model, keep, options=StateDictOptions(strict=False))
             init_ema = {k: v for k, v in carry.ema.items() if reused(k)}
-            carry.optim = {k: v for k, v in carry.optim.items() if reused(k)}
+            # only parameters this model still has: the state of a discarded module (the
+            # Shallow-UViT periphery) would otherwise be saved and then fail to load on resume
+            params = {n for n, _ in model.named_parameters()}
+            carry.optim = {k: v for k, v in carry.optim.items() if k in params and reused(k)}
         ema = EMA(model, self.spec.ema.decay if self.spec.ema else 0.0, init=init_ema)
         return model, ema
 
@@ -208,6 +213,7 @@ class Engine:
                 "exp_avg_sq": torch.zeros_like(params[n].detach()),
             }
             for n in names
+            if n in params  # checkpoints written before discarded modules' state was dropped
         }
         state = {"model": get_model_state_dict(model), "ema": ema.shadow, "optim": optim}
         self.ckpt.load(url, state)
@@ -246,6 +252,8 @@ class Engine:
             url, meta = resume_from
             start = locate(self.slots, meta["stage"], meta["phase"], meta["step_in_phase"])
             self._say(f"resuming from step {start} (stage {meta['stage']}, phase {meta['phase_name']}) of {url}")
+        if self.rank0:
+            _trim_metrics(join(self.out, "metrics.jsonl"), start)
         self.metrics = MetricsLog(join(self.out, "metrics.jsonl") if self.rank0 else None, self.total, start, self.rank0)
         self._barrier()
         first_stage = meta["stage"] if meta else 0
@@ -330,9 +338,9 @@ class Engine:
             for g in opt.param_groups:
                 g["lr"] = lr
             torch.manual_seed(_mix(spec.seed, step, self.d.rank, 1))
-            # Rank r's i-th example sits at position i*w + r of the global batch (datasets split
-            # a batch by interleaving: rank r takes samples r, r+w, ...), so seeding by that
-            # position gives every image the same noise at any world size.
+            # Seed by position i*w + r in the global batch: where rank r's i-th example sits when
+            # a dataset interleaves ranks (synthetic: rank r takes samples r, r+w, ...), so each
+            # image gets the same noise at any world size (rank*local + i would not).
             world = self.d.world_size
             gens = [
                 torch.Generator(device=self.d.device).manual_seed(_mix(spec.seed, step, i * world + self.d.rank))
@@ -349,7 +357,9 @@ class Engine:
                 loss = loss * float("nan")
             loss.backward()
             grad_norm = _clip(params, o.grad_clip)
-            stats = torch.stack([loss.detach().float().cpu(), torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0)])
+            # on the training device: NCCL reduces CUDA tensors only
+            stats = torch.stack([loss.detach().float(), torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0,
+                                                                     device=loss.device)])
             if self.d.world_size > 1:
                 dist.all_reduce(stats)
                 stats[0] /= self.d.world_size
@@ -404,7 +414,8 @@ class Engine:
         """Bytes of parameters and of optimizer state (live and parked) held by the largest rank:
         under FSDP each rank holds only its shards, so these fall as 1/world_size."""
         opt_tensors = {id(t): t for s in (*opt.state.values(), *optim.values()) for t in s.values()}
-        sizes = torch.tensor([_local_bytes(model.parameters()), _local_bytes(opt_tensors.values())])
+        sizes = torch.tensor([_local_bytes(model.parameters()), _local_bytes(opt_tensors.values())],
+                             device=self.d.device)  # NCCL reduces CUDA tensors only
         if self.d.world_size > 1:
             dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
         return {"param_bytes": int(sizes[0]), "optim_bytes": int(sizes[1])}
@@ -433,6 +444,25 @@ class Engine:
         from vermeer_core.sampling import plot_losses
 
         plot_losses(join(self.out, "metrics.jsonl"), join(self.out, "loss.png"))
+
+
+def _trim_metrics(url: str, start: int) -> None:
+    """Drop the records of steps after ``start`` (a killed run logged steps that are now run
+    again) and a line torn by the kill, so the file keeps one record per logged step."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return
+    with fs.open(path, "r") as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= start:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # torn or foreign line
+    if len(keep) != len(lines):
+        atomic_write_text(url, "".join(line + "\n" for line in keep))
 
 
 def _fault_nan(step: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import fsspec
@@ -38,6 +39,14 @@ def resolve_checkpoint(url: str) -> str:
     return latest
 
 
+def _load_here(state: dict[str, Any], url: str) -> None:
+    """DCP load of full tensors by this process alone (no collective, with or without a
+    process group); DCP's warning that it assumes a single process is expected here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=FsspecReader(url), no_dist=True)
+
+
 def load_checkpoint(url: str, registry: Registry, *, weights: str = "ema") -> tuple[RunSpec, VermeerModel, int]:
     """(spec, model with ``weights`` = "ema" or "model" loaded, stage) from a DCP checkpoint,
     in this process (no process group needed), whatever world size wrote it."""
@@ -48,13 +57,13 @@ def load_checkpoint(url: str, registry: Registry, *, weights: str = "ema") -> tu
     model = replay(spec, registry, meta["stage"])
     state = {weights: {k: v for k, v in model.state_dict().items()}}
     if weights == "model":
-        dcp.load(state, storage_reader=FsspecReader(url))
+        _load_here(state, url)
     else:
         # the EMA holds parameters only; buffers come from the model entry
         params = {n for n, _ in model.named_parameters()}
         state = {"ema": {k: v for k, v in state["ema"].items() if k in params},
                  "model": {k: v for k, v in model.state_dict().items() if k not in params}}
-        dcp.load(state, storage_reader=FsspecReader(url))
+        _load_here(state, url)
     model.load_state_dict({**state.get("model", {}), **state.get(weights, {})})
     return spec, model, meta["stage"]
 
