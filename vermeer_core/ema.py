@@ -17,13 +17,18 @@ class EMA:
     Works on FSDP2's DTensor parameters: each rank updates its own shard (no communication).
     """
 
-    def __init__(self, model: nn.Module, decay: float, init: dict[str, Tensor] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, decay: float, init: dict[str, Tensor] | None = None, skip: frozenset[str] = frozenset()
+    ) -> None:
+        """``skip``: parameters that never train (e.g. a frozen pretrained text encoder); their
+        average is themselves, so no copy is kept (it would double a large encoder's memory)."""
         self.decay = decay
         init = init or {}
         self.shadow: dict[str, Tensor] = {}
         with torch.no_grad():
             for name, p in model.named_parameters():
-                self.shadow[name] = init[name] if name in init else p.detach().clone()
+                if name not in skip:
+                    self.shadow[name] = init[name] if name in init else p.detach().clone()
 
     @torch.no_grad()
     def update(self, model: nn.Module, trainable: set[str]) -> None:
@@ -38,11 +43,13 @@ class EMA:
         backup = {}
         with torch.no_grad():
             for name, p in model.named_parameters():
-                backup[name] = p.detach().clone()
-                p.copy_(self.shadow[name])
+                if name in self.shadow:
+                    backup[name] = p.detach().clone()
+                    p.copy_(self.shadow[name])
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    p.copy_(backup[name])
+                    if name in backup:
+                        p.copy_(backup[name])

@@ -178,7 +178,8 @@ class Engine:
             # Shallow-UViT periphery) would otherwise be saved and then fail to load on resume
             params = {n for n, _ in model.named_parameters()}
             carry.optim = {k: v for k, v in carry.optim.items() if k in params and reused(k)}
-        ema = EMA(model, self.spec.ema.decay if self.spec.ema else 0.0, init=init_ema)
+        ema = EMA(model, self.spec.ema.decay if self.spec.ema else 0.0, init=init_ema,
+                  skip=frozenset(model.always_frozen))
         return model, ema
 
     def _carry(self, model: nn.Module, ema: EMA, optim: OptimState) -> _Carry:

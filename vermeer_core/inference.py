@@ -59,8 +59,9 @@ def load_checkpoint(url: str, registry: Registry, *, weights: str = "ema") -> tu
     if weights == "model":
         _load_here(state, url)
     else:
-        # the EMA holds parameters only; buffers come from the model entry
-        params = {n for n, _ in model.named_parameters()}
+        # the EMA holds trainable parameters only; buffers and never-trained (frozen
+        # pretrained) weights come from the model entry
+        params = {n for n, _ in model.named_parameters() if n not in model.always_frozen}
         state = {"ema": {k: v for k, v in state["ema"].items() if k in params},
                  "model": {k: v for k, v in model.state_dict().items() if k not in params}}
         _load_here(state, url)
