@@ -39,6 +39,7 @@ class BenchSession:
     started: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
+    machine: dict[str, Any] = field(default_factory=machine_info)
 
     def record(self, group: str, name: str, *, ms: float | None = None, baseline: bool = False, **metrics: Any) -> None:
         """One measured variant ``name`` of ``group``; ``baseline`` marks the group's reference."""
@@ -57,6 +58,8 @@ class BenchSession:
             base = next((r["ms"] for r in timed if r["baseline"]), None)
             for r in timed:
                 r["time_vs_fastest"] = r["ms"] / fastest
+                if r.get("ms_min") and r.get("ms_max"):
+                    r["spread"] = r["ms_max"] / r["ms_min"]
                 if base is not None:
                     r["time_vs_baseline"] = r["ms"] / base
 
@@ -115,24 +118,48 @@ def compile_enabled(pytestconfig: pytest.Config) -> bool:
     return bool(pytestconfig.getoption("--bench-compile"))
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    state = session.config.stash.get(_STATE, None)
+def _write(config: pytest.Config, exitstatus: int | None) -> None:
+    """(Re)write the results file: after every test, so a run killed by a time limit keeps
+    what it measured, and at the end of the session (``exit_status`` then set)."""
+    state = config.stash.get(_STATE, None)
     if state is None or not state.rows:
         return
     state.finalize()
-    out = Path(session.config.getoption("--bench-out"))
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    state.path = out / f"{stamp}.json"
+    if state.path is None:
+        out = Path(config.getoption("--bench-out"))
+        out.mkdir(parents=True, exist_ok=True)
+        state.path = out / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     doc = {
         "started": state.started,
-        "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds") if exitstatus is not None else None,
         "command": sys.argv,
-        "exit_status": int(exitstatus),
-        "machine": machine_info(),
+        "exit_status": exitstatus,
+        "machine": state.machine,
         "results": state.rows,
     }
-    state.path.write_text(json.dumps(doc, indent=1, default=str))
+    tmp = state.path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(state.path)  # never a half-written file
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    _write(item.config, None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _write(session.config, int(exitstatus))
+
+
+_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("ms", "ms", ".3f"),
+    ("time_vs_fastest", "vs fastest", ".2f"),
+    ("time_vs_baseline", "vs base", ".2f"),
+    ("spread", "max/min", ".2f"),
+    ("images_per_s", "img/s", ".1f"),
+    ("tflops", "TFLOP/s", ".3f"),
+    ("mfu", "MFU", ".1%"),
+)
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -141,29 +168,41 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain-text table of ``rows`` with only the columns some row has (fits a log's tail)."""
+    cols = [c for c in _COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    gw = max(len("group"), *(len(r["group"]) for r in rows))
+    nw = max(len("variant"), *(len(r["name"]) + 2 for r in rows))
+    widths = [max(len(h), 8) for _, h, _ in cols]
+    lines = [f"{'group':<{gw}} {'variant':<{nw}} " + " ".join(f"{h:>{w}}" for (_, h, _), w in zip(cols, widths)) + "  note"]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        name = r["name"] + (" *" if r["baseline"] else "")
+        cells = " ".join(f"{_fmt(r.get(k), f):>{w}}" for (k, _, f), w in zip(cols, widths))
+        lines.append(f"{r['group']:<{gw}} {name:<{nw}} {cells}  {r.get('note') or r.get('error') or ''}")
+    return lines
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
     if state is None or not state.rows:
         return
     tr = terminalreporter
-    info = machine_info()
+    info = state.machine
     tr.section("vermeer benchmarks")
     tr.write_line(
-        f"torch {info['torch']} | {info['device_name']} | threads {info['torch_threads']} "
+        f"torch {info['torch']} | {info['device_name']} | torch threads {info['torch_threads']} "
         f"| python {info['python']}"
     )
-    tr.write_line("time ratios: variant time / reference time (1.00 = same, < 1 = faster); speed is never asserted")
-    header = f"{'group':<44} {'variant':<30} {'ms':>10} {'vs fastest':>10} {'vs base':>8} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6}  note"
-    tr.write_line(header)
-    tr.write_line("-" * len(header))
+    tr.write_line("ms: median per call. vs fastest / vs base: this time over the group's fastest / baseline (*)")
+    tr.write_line("(1.00 = same, < 1 = faster); max/min: slowest over fastest timed block (over ~1.3: a busy")
+    tr.write_line("machine, trust ratios less). Speed is reported, never asserted.")
+    kinds: dict[str, list[dict[str, Any]]] = {}
     for r in state.rows:
-        note = r.get("note") or r.get("error") or ""
-        tr.write_line(
-            f"{r['group'][:44]:<44} {(r['name'] + (' *' if r['baseline'] else ''))[:30]:<30} "
-            f"{_fmt(r.get('ms'), '10.3f')} {_fmt(r.get('time_vs_fastest'), '10.2f')} "
-            f"{_fmt(r.get('time_vs_baseline'), '8.2f')} {_fmt(r.get('images_per_s'), '9.1f')} "
-            f"{_fmt(r.get('tflops'), '8.3f')} {_fmt(r.get('mfu'), '6.1%')}  {note}"
-        )
-    tr.write_line("* = the group's baseline")
+        kinds.setdefault(r["group"].split("/", 1)[0], []).append(r)
+    for rows in kinds.values():
+        tr.write_line("")
+        for line in _table(rows):
+            tr.write_line(line)
     if state.path is not None:
-        tr.write_line(f"results written to {state.path}")
+        tr.write_line(f"\nresults written to {state.path}")

@@ -27,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 # behaviour; used by torchtitan too). They work for local paths, memory:// and gs:// (gcsfs).
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
-from vermeer_core.io import atomic_write_text, join
+from vermeer_core.io import atomic_write_text, join, storage_errors
 
 __all__ = ["Checkpointer", "MARKER", "step_dir_name"]
 
@@ -76,7 +76,8 @@ class Checkpointer:
 
     def committed(self) -> list[str]:
         """URLs of committed checkpoints, oldest first."""
-        return [join(self.root, name) for _, name in self._list_steps() if self._committed(name)]
+        with storage_errors(self.root, "list checkpoints in"):
+            return [join(self.root, name) for _, name in self._list_steps() if self._committed(name)]
 
     def latest(self) -> str | None:
         """URL of the newest committed checkpoint, or None."""
@@ -90,12 +91,15 @@ class Checkpointer:
         name = step_dir_name(step)
         url = join(self.root, name)
         path = f"{self._root_path}/{name}"
-        if self.rank == 0 and self.fs.exists(path):
-            self.fs.rm(path, recursive=True)  # uncommitted debris of an earlier, killed attempt
+        if self.rank == 0:
+            with storage_errors(url, "remove the uncommitted checkpoint"):
+                if self.fs.exists(path):
+                    self.fs.rm(path, recursive=True)  # uncommitted debris of an earlier, killed attempt
         if self.world_size > 1:
             dist.barrier()
         _fault("before-shards", step)
-        dcp.save(state, storage_writer=FsspecWriter(url, single_file_per_rank=True))
+        with storage_errors(url, "write checkpoint"):
+            dcp.save(state, storage_writer=FsspecWriter(url, single_file_per_rank=True))
         atomic_write_text(join(url, f"rank-{self.rank:05d}.json"), json.dumps(rank_state))
         if self.rank == 0:
             atomic_write_text(join(url, "meta.json"), json.dumps(meta, indent=1))
@@ -112,6 +116,10 @@ class Checkpointer:
         return url
 
     def _prune(self, newest: int) -> None:
+        with storage_errors(self.root, "remove old checkpoints in"):
+            self._remove_old(newest)
+
+    def _remove_old(self, newest: int) -> None:
         steps = self._list_steps()
         committed = [(s, n) for s, n in steps if self._committed(n)]
         keep = {n for _, n in committed[-self.keep :]}
@@ -121,17 +129,20 @@ class Checkpointer:
 
     # --- load --------------------------------------------------------------------------------
     def read_meta(self, url: str) -> dict[str, Any]:
-        with fsspec.open(join(url, "meta.json"), "r") as f:
+        u = join(url, "meta.json")
+        with storage_errors(u, "read"), fsspec.open(u, "r") as f:
             return json.load(f)
 
     def read_rank_state(self, url: str, rank: int) -> dict[str, Any] | None:
         u = join(url, f"rank-{rank:05d}.json")
         fs, p = fsspec.core.url_to_fs(u)
-        if not fs.exists(p):
-            return None
-        with fs.open(p, "r") as f:
-            return json.load(f)
+        with storage_errors(u, "read"):
+            if not fs.exists(p):
+                return None
+            with fs.open(p, "r") as f:
+                return json.load(f)
 
     def load(self, url: str, state: dict[str, Any]) -> None:
         """Collective: fill ``state`` (same structure as saved, possibly another sharding) in place."""
-        dcp.load(state, storage_reader=FsspecReader(url))
+        with storage_errors(url, "read checkpoint"):
+            dcp.load(state, storage_reader=FsspecReader(url))

@@ -34,6 +34,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from vermeer_core.errors import DataError
+from vermeer_core.io import storage_errors
 
 __all__ = [
     "RawSample",
@@ -112,25 +113,30 @@ def resolve_shards(urls: str | Sequence[str], storage_options: dict[str, Any] | 
         raise DataError("no shard URLs given: set data.urls to a pattern such as 'shards/shard-{000000..000009}.tar'")
     shards: list[str] = []
     for pattern in patterns:
-        found: list[str] = []
-        explicit: list[str] = []
-        for url in braceexpand(pattern):
-            fs, path = fsspec.core.url_to_fs(url, **({} if _is_local(url) else opts))
-            if any(c in path for c in _GLOB_CHARS):
-                found += [_unstrip(fs, p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
-            elif url.endswith("/") or (not path.endswith(".tar") and fs.isdir(path)):
-                fs.invalidate_cache(path)
-                found += [_unstrip(fs, p) for p in sorted(fs.ls(path, detail=False)) if p.endswith(".tar")]
-            else:
-                explicit.append(url)
-        found += _existing(explicit, pattern, opts)
-        if not found:
-            raise DataError(f"no shards matched {pattern!r}: check the path/pattern (and credentials for remote URLs)")
-        shards += found
+        with storage_errors(pattern, "list the shards of"):  # 403 / network: a message, no traceback
+            shards += _resolve(pattern, opts)
     dup = [u for u, c in Counter(shards).items() if c > 1]
     if dup:
         raise DataError(f"shards listed more than once in {patterns!r}: {dup[:3]}; each shard may appear only once")
     return shards
+
+
+def _resolve(pattern: str, opts: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    explicit: list[str] = []
+    for url in braceexpand(pattern):
+        fs, path = fsspec.core.url_to_fs(url, **({} if _is_local(url) else opts))
+        if any(c in path for c in _GLOB_CHARS):
+            found += [_unstrip(fs, p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
+        elif url.endswith("/") or (not path.endswith(".tar") and fs.isdir(path)):
+            fs.invalidate_cache(path)
+            found += [_unstrip(fs, p) for p in sorted(fs.ls(path, detail=False)) if p.endswith(".tar")]
+        else:
+            explicit.append(url)
+    found += _existing(explicit, pattern, opts)
+    if not found:
+        raise DataError(f"no shards matched {pattern!r}: check the path/pattern (and credentials for remote URLs)")
+    return found
 
 
 def _existing(urls: list[str], pattern: str, opts: dict[str, Any]) -> list[str]:

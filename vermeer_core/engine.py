@@ -200,6 +200,8 @@ class Engine:
             "optim_names": sorted(optim),
             "time": time.time(),
         }
+        if self.metrics is not None:
+            self.metrics.flush()  # records up to this checkpoint survive a kill (object stores)
         url = self.ckpt.save(step, state, meta, {"data": data.state_dict(), "stage": slot.stage})
         if self.rank0:
             self.plugins.hook.vermeer_checkpoint_saved(url=url, step=step)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +34,13 @@ __all__ = [
 
 
 # --- text_encoder -------------------------------------------------------------------------
-@dataclass
-class TextEmbedding:
-    """Encoded captions. ``mask`` is True where a token is real (False = padding)."""
+class TextEmbedding(NamedTuple):
+    """Encoded captions. ``mask`` is True where a token is real (False = padding).
+
+    A NamedTuple, not a dataclass: FSDP2 finds a module's output tensors (to hook its
+    pre-backward all-gather) by pytree traversal, and torch releases before 2.13 do not
+    traverse dataclasses — a sharded text encoder then fails in backward on freed storage.
+    """
 
     tokens: Tensor  # (B, L, dim)
     mask: Tensor  # (B, L) bool

@@ -1,13 +1,80 @@
-"""File output through fsspec that never publishes a half-written file."""
+"""File output through fsspec that never publishes a half-written file, and storage failures
+(missing object, access denied, retries exhausted) as messages that name the URL."""
 
 from __future__ import annotations
 
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import fsspec
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "join"]
+from vermeer_core.errors import VermeerError
+
+__all__ = ["StorageError", "atomic_write_bytes", "atomic_write_text", "join", "storage_errors"]
+
+
+class StorageError(VermeerError):
+    """Reading or writing ``url`` failed; ``kind`` is "missing", "denied" or "failed"."""
+
+    def __init__(self, message: str, url: str, kind: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.kind = kind
+
+
+_ADVICE = {
+    "missing": "check the URL (and that the run or data was written there)",
+    "denied": "check the credentials fsspec uses (for gs://: GOOGLE_APPLICATION_CREDENTIALS or "
+    "`gcloud auth application-default login`) and that this account may access the bucket",
+    "failed": "the storage kept failing after the filesystem's own retries; try again later",
+}
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    # torch.distributed.checkpoint reports a storage failure as CheckpointException whose
+    # ``failures`` maps rank -> (exception, traceback summary)
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) and first else first
+    return exc
+
+
+def _classify(exc: BaseException) -> str | None:
+    """"missing", "denied", "failed", or None for errors that are not the storage's."""
+    code = getattr(exc, "code", None) if not isinstance(exc, OSError) else None
+    if isinstance(exc, FileNotFoundError) or code == 404:
+        return "missing"
+    # gcsfs raises a plain OSError("Forbidden: ..."); s3fs and local files PermissionError
+    if isinstance(exc, PermissionError) or code in (401, 403) or (
+        isinstance(exc, OSError) and str(exc).startswith("Forbidden")
+    ):
+        return "denied"
+    if isinstance(exc, OSError) or isinstance(code, int):  # incl. gcsfs HttpError 5xx after retries
+        return "failed"
+    return None
+
+
+@contextmanager
+def storage_errors(url: str, action: str) -> Iterator[None]:
+    """Re-raise a storage failure inside the block as :class:`StorageError`:
+    ``cannot <action> <url>: <what> (<detail>); <what to do>``. Other errors pass unchanged."""
+    try:
+        yield
+    except VermeerError:
+        raise
+    except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+        cause = _root_cause(exc)
+        kind = _classify(cause)
+        if kind is None:
+            raise
+        what = {"missing": "not found", "denied": "access denied", "failed": "storage error"}[kind]
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise StorageError(
+            f"cannot {action} {url}: {what} ({type(cause).__name__}: {detail}); {_ADVICE[kind]}", url, kind
+        ) from exc
 
 
 def join(base: str, *parts: str) -> str:
@@ -21,6 +88,11 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
     On local disks the move is an atomic rename. Object stores (gs://) have no rename; there a
     single-object upload is itself all-or-nothing, so the data is written directly.
     """
+    with storage_errors(url, "write"):
+        _write(url, data)
+
+
+def _write(url: str, data: bytes) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     parent = posixpath.dirname(path)
     if parent:

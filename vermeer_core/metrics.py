@@ -11,6 +11,8 @@ from typing import Any
 import fsspec
 import torch
 
+from vermeer_core.io import atomic_write_text
+
 __all__ = ["MetricsLog", "peak_flops", "memory_bytes"]
 
 # Dense bf16 peak of known accelerators (vendor data sheets), for MFU. Unknown devices (CPUs
@@ -42,17 +44,33 @@ def memory_bytes(device: torch.device) -> int:
 
 class MetricsLog:
     """Writes ``metrics.jsonl`` (rank 0) and shows progress: a tqdm bar on a terminal, one quiet
-    line per log step otherwise (CI, files)."""
+    line per log step otherwise (CI, files).
+
+    On a local disk records are appended as they come. Object stores (gs://) cannot append and
+    publish an object only when it is closed, so there the records are kept in memory (with
+    those already in the file) and the whole file is rewritten by :meth:`flush` — which the
+    engine calls before every checkpoint — and at close. A kill then loses only records of
+    steps after the last checkpoint, which a resume runs (and logs) again.
+    """
 
     def __init__(self, url: str | None, total_steps: int, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
         self.url = url
         self._file = None
         self._bar = None
+        self._lines: list[str] | None = None  # object stores: every record, rewritten on flush
         if not enabled:
             return
         if url is not None:
-            self._file = fsspec.open(url, "a").open()
+            fs, path = fsspec.core.url_to_fs(url)
+            protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+            if "file" in protocols or "local" in protocols:
+                self._file = fs.open(path, "a")
+            else:
+                self._lines = []
+                if fs.exists(path):
+                    with fs.open(path, "r") as f:
+                        self._lines = [line for line in f.read().splitlines() if line.strip()]
         interactive = sys.stderr.isatty() and not os.environ.get("CI")
         if interactive:
             from tqdm import tqdm
@@ -65,11 +83,18 @@ class MetricsLog:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        elif self._lines is not None:
+            self._lines.append(json.dumps(record))
         if self._bar is not None:
             self._bar.set_postfix(stage=record.get("stage"), phase=record.get("phase"), loss=f"{record.get('loss', float('nan')):.4f}")
         else:
             keys = ("step", "stage", "phase", "loss", "lr", "grad_norm", "images_per_s")
             print(" ".join(f"{k}={_fmt(record[k])}" for k in keys if k in record), file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        """Make every record so far durable (object stores: rewrite the file)."""
+        if self._lines is not None and self.url is not None:
+            atomic_write_text(self.url, "".join(line + "\n" for line in self._lines))
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -88,6 +113,7 @@ class MetricsLog:
             self._bar.close()
         if self._file is not None:
             self._file.close()
+        self.flush()
 
 
 def _fmt(v: Any) -> str:
