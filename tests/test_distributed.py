@@ -106,3 +106,20 @@ def test_training_continues_at_world_size_1_from_a_world_size_2_checkpoint(
         assert [r["step"] for r in records][-2:] == [13, 14]
         losses.append([r["loss"] for r in records[-2:]])
     assert losses[1] == pytest.approx(losses[0], rel=RTOL)
+
+
+def test_hybrid_sharding_replicates_across_groups(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """train.replicate=2 at world size 2: two replica groups of one shard each (HSDP). Same
+    losses as world size 1 (the gradient is averaged across replicas), and each rank holds the
+    whole model and optimizer state, unlike plain FSDP's halves."""
+    ref = read_metrics(runs[0])
+    spec = write_spec(tmp_path / "s.yaml")
+    out = tmp_path / "run"
+    r = run_cli(["run", str(spec), "--out", str(out), "--nproc-per-node", "2",
+                 "--set", "train.replicate=2", "--set", "train.checkpoint_every=6"])
+    assert r.returncode == 0, r.stderr
+    hsdp = read_metrics(out)
+    assert [x["step"] for x in hsdp] == [x["step"] for x in ref]
+    for a, b in zip(ref, hsdp):
+        assert b["loss"] == pytest.approx(a["loss"], rel=RTOL), a["step"]
+        assert b["param_bytes"] == a["param_bytes"] and b["optim_bytes"] == a["optim_bytes"]

@@ -106,6 +106,7 @@ class _Carry:
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     optim: OptimState
+    ema_age: dict[str, int]
 
 
 class Engine:
@@ -166,6 +167,7 @@ class Engine:
             compile=self.spec.train.compile,
         )
         init_ema: dict[str, torch.Tensor] = {}
+        ema_age: dict[str, int] = {}
         if carry is not None:
             keep = {k: v for k, v in carry.model.items() if reused(k)}
             names = {n for n, _ in model.named_parameters()} | set(model.state_dict())
@@ -174,16 +176,18 @@ class Engine:
                 raise RunError(f"stage {stage} reuses {missing[:3]} but the previous stage has no such tensors")
             set_model_state_dict(model, keep, options=StateDictOptions(strict=False))
             init_ema = {k: v for k, v in carry.ema.items() if reused(k)}
+            ema_age = {k: v for k, v in carry.ema_age.items() if reused(k)}
             # only parameters this model still has: the state of a discarded module (the
             # Shallow-UViT periphery) would otherwise be saved and then fail to load on resume
             params = {n for n, _ in model.named_parameters()}
             carry.optim = {k: v for k, v in carry.optim.items() if k in params and reused(k)}
-        ema = EMA(model, self.spec.ema.decay if self.spec.ema else 0.0, init=init_ema,
-                  skip=frozenset(model.always_frozen))
+        e = self.spec.ema
+        ema = EMA(model, e.decay if e else 0.0, init=init_ema, skip=frozenset(model.always_frozen),
+                  power=e.warmup_power if e else 0.0, age=ema_age)
         return model, ema
 
     def _carry(self, model: nn.Module, ema: EMA, optim: OptimState) -> _Carry:
-        return _Carry(get_model_state_dict(model), dict(ema.shadow), dict(optim))
+        return _Carry(get_model_state_dict(model), dict(ema.shadow), dict(optim), dict(ema.age))
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _save(self, step: int, slot: Slot, model: nn.Module, ema: EMA, optim: OptimState, data: Any) -> None:
@@ -198,6 +202,7 @@ class Engine:
             "spec": self.spec.model_dump(mode="json"),
             "world_size": self.d.world_size,
             "optim_names": sorted(optim),
+            "ema_age": ema.age,
             "time": time.time(),
         }
         if self.metrics is not None:
@@ -287,6 +292,7 @@ class Engine:
         )
         if url is not None and meta is not None:
             optim = self._load(url, model, ema, meta["optim_names"])
+            ema.age.update({k: v for k, v in meta.get("ema_age", {}).items() if k in ema.age})
             if meta["world_size"] == world:
                 rank_state = self.ckpt.read_rank_state(url, rank)
             else:

@@ -99,7 +99,13 @@ class OptimSpec(_Strict):
 
 
 class EMASpec(_Strict):
-    decay: float = Field(0.999, ge=0.0, lt=1.0)
+    decay: float = Field(0.999, ge=0.0, lt=1.0, description="the decay an average reaches (its maximum)")
+    warmup_power: float = Field(
+        2 / 3, ge=0.0,
+        description="EMA warmup: a parameter updated n times averages with decay "
+        "min(decay, 1 - (1 + n)^-power), so layers added at a growth are not held at their "
+        "initial values; 0 = constant decay",
+    )
 
 
 class TrainSpec(_Strict):
