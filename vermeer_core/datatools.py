@@ -34,7 +34,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from vermeer_core.errors import DataError
-from vermeer_core.io import storage_errors
+from vermeer_core.io import LOCAL_PROTOCOLS, is_local_fs, is_local_url, storage_errors
 
 __all__ = [
     "RawSample",
@@ -50,17 +50,11 @@ __all__ = [
 ]
 
 _BLOCK = 512  # tar block size
-_LOCAL = ("file", "local")
 _GLOB_CHARS = "*?["
 _READ_BLOCK = 4 << 20  # fsspec read-ahead per open remote shard: bounds memory per open file
 
 
 # --- opening ---------------------------------------------------------------------------------
-def _is_local(url: str) -> bool:
-    protocol = fsspec.core.split_protocol(url)[0]
-    return protocol is None or protocol in _LOCAL
-
-
 def fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **storage_options: Any) -> IO[bytes]:
     """An opener with webdataset's ``gopen`` signature that reads/writes through fsspec, so
     credentials, retries and emulators (``STORAGE_EMULATOR_HOST``) work as for any fsspec user."""
@@ -81,22 +75,21 @@ def register_fsspec_openers(schemes: Sequence[str] = ()) -> None:
     gopen = importlib.import_module("webdataset.gopen")
     known = set(fsspec.available_protocols())
     for scheme in {*gopen.gopen_schemes, *schemes}:
-        if scheme in known and scheme not in _LOCAL:
+        if scheme in known and scheme not in LOCAL_PROTOCOLS:
             gopen.gopen_schemes[scheme] = fsspec_gopen
 
 
 def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> IO[bytes]:
     """Open ``url`` for reading (seekable): local paths with the built-in ``open``, anything
     else through fsspec."""
-    if _is_local(url):
+    if is_local_url(url):
         return open(fsspec.core.strip_protocol(url), "rb")
     return fsspec_gopen(url, "rb", **(storage_options or {}))
 
 
 # --- finding shards --------------------------------------------------------------------------
 def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return path if any(p in _LOCAL for p in protocols) else fs.unstrip_protocol(path)
+    return path if is_local_fs(fs) else fs.unstrip_protocol(path)
 
 
 def resolve_shards(urls: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -125,7 +118,7 @@ def _resolve(pattern: str, opts: dict[str, Any]) -> list[str]:
     found: list[str] = []
     explicit: list[str] = []
     for url in braceexpand(pattern):
-        fs, path = fsspec.core.url_to_fs(url, **({} if _is_local(url) else opts))
+        fs, path = fsspec.core.url_to_fs(url, **({} if is_local_url(url) else opts))
         if any(c in path for c in _GLOB_CHARS):
             found += [_unstrip(fs, p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
         elif url.endswith("/") or (not path.endswith(".tar") and fs.isdir(path)):
@@ -144,7 +137,7 @@ def _existing(urls: list[str], pattern: str, opts: dict[str, Any]) -> list[str]:
     by_parent: dict[tuple[int, str], list[tuple[str, str]]] = {}
     systems: dict[int, fsspec.AbstractFileSystem] = {}
     for url in urls:
-        fs, path = fsspec.core.url_to_fs(url, **({} if _is_local(url) else opts))
+        fs, path = fsspec.core.url_to_fs(url, **({} if is_local_url(url) else opts))
         systems[id(fs)] = fs
         by_parent.setdefault((id(fs), posixpath.dirname(path)), []).append((url, path))
     missing: list[str] = []
@@ -333,7 +326,7 @@ def synth_shards(
         raise ValueError(f"synth: n, resolution and shard_size must be >= 1, got {n}, {resolution}, {shard_size}")
     if image_format not in _FORMATS:
         raise ValueError(f"synth: image_format must be one of {sorted(_FORMATS)}, got {image_format!r}")
-    local = _is_local(out)
+    local = is_local_url(out)
     fs, root = fsspec.core.url_to_fs(out, **({} if local else storage_options or {}))
     fs.makedirs(root, exist_ok=True)
     # Local output: the temporary file lives beside its final name so the rename is atomic.

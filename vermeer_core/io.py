@@ -82,6 +82,20 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if base else posixpath.join(*parts)
 
 
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local disk (rename is atomic, append works)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return any(p in LOCAL_PROTOCOLS for p in protocols)
+
+
+def is_local_url(url: str) -> bool:
+    protocol = fsspec.core.split_protocol(url)[0]
+    return protocol is None or protocol in LOCAL_PROTOCOLS
+
+
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``url``, then move it into place.
 
@@ -97,8 +111,7 @@ def _write(url: str, data: bytes) -> None:
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
+    if is_local_fs(fs):
         tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             with fs.open(tmp, "wb") as f:

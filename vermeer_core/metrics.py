@@ -11,7 +11,7 @@ from typing import Any
 import fsspec
 import torch
 
-from vermeer_core.io import atomic_write_text
+from vermeer_core.io import atomic_write_text, is_local_fs
 
 __all__ = ["MetricsLog", "peak_flops", "memory_bytes"]
 
@@ -63,8 +63,7 @@ class MetricsLog:
             return
         if url is not None:
             fs, path = fsspec.core.url_to_fs(url)
-            protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-            if "file" in protocols or "local" in protocols:
+            if is_local_fs(fs):
                 self._file = fs.open(path, "a")
             else:
                 self._lines = []
