@@ -126,3 +126,20 @@ def test_registry_rules():
 
 def test_process_wide_plugins_cached():
     assert get_plugins() is get_plugins()
+
+
+def test_every_hook_has_a_test():
+    """datasette's meta-test: a hook added to hookspecs without a test of its own fails here."""
+    from pathlib import Path
+
+    from vermeer_core import hookspecs
+
+    hooks = [n for n in dir(hookspecs) if n.startswith("vermeer_") and callable(getattr(hookspecs, n))]
+    assert hooks, "no hooks found"
+    here = Path(__file__).parent
+    sources = "".join(p.read_text() for p in here.glob("test_*.py") if p.name != "test_plugins.py")
+    sources += Path(__file__).read_text().split("def test_every_hook_has_a_test")[0]
+    untested = [h for h in hooks if f"def {h}(" not in sources]
+    assert not untested, f"hooks without a test implementing them: {untested}"
+    for h in hooks:  # and every hookspec says when it is called
+        assert (getattr(hookspecs, h).__doc__ or "").strip(), h
