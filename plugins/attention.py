@@ -155,8 +155,25 @@ def available_backends() -> list[str]:
 _Signature = tuple[str, torch.dtype, tuple[int, ...], tuple[int, ...], bool, bool]
 
 
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
+def isolated_autograd() -> torch.autograd.graph.saved_tensors_hooks:
+    """Identity saved-tensor hooks on top of the stack: autograd work done inside (auto's timing
+    runs) is invisible to enclosing hooks, e.g. activation checkpointing's, which would
+    otherwise count tensors the recomputation (cached choice, no timing) never saves again
+    and fail with "a different number of tensors was saved"."""
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+
+
 def _time_ms(fn: AttentionFn, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, grad: bool) -> float:
     """Mean milliseconds of one call (forward, plus backward when training) after warm-up."""
+    with isolated_autograd():
+        return _time_ms_inner(fn, q, k, v, key_mask, grad)
+
+
+def _time_ms_inner(fn: AttentionFn, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, grad: bool) -> float:
     q, k, v = (t.detach().requires_grad_(grad) for t in (q, k, v))
 
     def step() -> None:
