@@ -245,7 +245,7 @@ class Engine:
         return url, meta
 
     # --- the run -----------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self) -> None:
         spec = self.spec
         resume_from = self._find_resume() if self.resume == "auto" else None
         if resume_from is None and self.resume == "never" and self.ckpt.latest() is not None:
@@ -266,20 +266,17 @@ class Engine:
         self._barrier()
         first_stage = meta["stage"] if meta else 0
         carry: _Carry | None = None
-        summary: dict[str, Any] = {"stages": []}
         try:
             for stage in range(first_stage, len(spec.stages)):
-                carry = self._run_stage(stage, start, carry, url if stage == first_stage else None, meta, summary)
+                carry = self._run_stage(stage, start, carry, url if stage == first_stage else None, meta)
         finally:
             self.metrics.close()
         if self.rank0:
             self._plot_losses()
         self._barrier()
-        summary["steps"] = self.total
-        return summary
 
     def _run_stage(
-        self, stage: int, start: int, carry: _Carry | None, url: str | None, meta: dict[str, Any] | None, summary: dict[str, Any]
+        self, stage: int, start: int, carry: _Carry | None, url: str | None, meta: dict[str, Any] | None
     ) -> _Carry:
         spec = self.spec
         st = spec.stages[stage]
@@ -320,7 +317,6 @@ class Engine:
             # samples first, then the stage-boundary checkpoint: a committed stage has its samples
             self._write_samples(stage, model, ema)
             self._save(end, slots[-1], model, ema, optim, data)
-        summary["stages"].append({"stage": stage, "resolution": st.resolution, "gflop_per_image": flops / 1e9})
         return self._carry(model, ema, optim)
 
     def _run_phase(
