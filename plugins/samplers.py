@@ -4,7 +4,8 @@ Each works on a :class:`~vermeer_core.interfaces.Denoiser` (x_t, logsnr) -> x0_h
 classifier-free guidance and the model's parametrisation are already folded in. The grid
 ``logsnrs`` runs from the noisiest level (``logsnrs[0]``, where ``noise`` is taken as x_t) to
 the cleanest; after the last step the sampler returns the denoiser's x0 estimate at the last
-grid point, so a run costs ``steps + 1`` denoiser calls.
+grid point, so a run costs ``steps + 1`` denoiser calls. ``callback`` (k-diffusion's pattern)
+sees each of the ``steps`` steps before it moves ``x``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from vermeer_core.diffusion import alpha_sigma, noise_like
 from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import Denoiser
+from vermeer_core.interfaces import Denoiser, SamplerCallback
 from vermeer_core.registry import ComponentConfig, Registry
 
 __all__ = [
@@ -38,6 +39,11 @@ def _check_grid(noise: Tensor, logsnrs: Tensor) -> None:
         raise ValueError("noise must have a batch axis")
 
 
+def _report(callback: SamplerCallback | None, x: Tensor, i: int, logsnr: Tensor, denoised: Tensor) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "logsnr": logsnr, "denoised": denoised})
+
+
 def _level(logsnr: Tensor, x: Tensor) -> Tensor:
     """The grid's scalar log-SNR as the (B,) tensor the Denoiser protocol takes. Kept in the
     grid's dtype even for bf16 ``x``: bf16 would round log-SNR 15 to steps of 0.06."""
@@ -52,13 +58,19 @@ class DDIMSampler:
         self.eta = eta
 
     def sample(
-        self, denoise: Denoiser, noise: Tensor, logsnrs: Tensor, generator: torch.Generator | None = None
+        self,
+        denoise: Denoiser,
+        noise: Tensor,
+        logsnrs: Tensor,
+        generator: torch.Generator | None = None,
+        callback: SamplerCallback | None = None,
     ) -> Tensor:
         _check_grid(noise, logsnrs)
         alphas, sigmas = alpha_sigma(logsnrs)
         x = noise
         for i in range(logsnrs.numel() - 1):
             x0 = denoise(x, _level(logsnrs[i], x))
+            _report(callback, x, i, logsnrs[i], x0)
             a_s, s_s, a_t, s_t = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
             # eps implied by x0 at the current level; the step keeps x0 and re-noises it to the
             # next level. Posterior std of q(x_t | x_s, x0) is sigma_t * sqrt(1 - SNR_s / SNR_t).
@@ -86,7 +98,12 @@ class DPMPP2MSampler:
     ``lambda = logsnr / 2`` (log alpha/sigma); first and last steps are first order (= DDIM)."""
 
     def sample(
-        self, denoise: Denoiser, noise: Tensor, logsnrs: Tensor, generator: torch.Generator | None = None
+        self,
+        denoise: Denoiser,
+        noise: Tensor,
+        logsnrs: Tensor,
+        generator: torch.Generator | None = None,
+        callback: SamplerCallback | None = None,
     ) -> Tensor:
         _check_grid(noise, logsnrs)
         alphas, sigmas = alpha_sigma(logsnrs)
@@ -97,6 +114,7 @@ class DPMPP2MSampler:
         last = logsnrs.numel() - 2
         for i in range(last + 1):
             x0 = denoise(x, _level(logsnrs[i], x))
+            _report(callback, x, i, logsnrs[i], x0)
             h = lambdas[i + 1] - lambdas[i]
             # First order at the first step (no history) and at the last one ("lower order
             # final" of Lu et al.'s reference solver): a clipped schedule's final lambda step is

@@ -325,6 +325,7 @@ def test_sample_clamps_and_is_deterministic() -> None:
             prediction="v",
             generator=torch.Generator().manual_seed(seed),
             device="cpu",
+            grid="t",  # its wide last step leaves these noise-like samples large enough to clamp
         )
 
     a = run(0)

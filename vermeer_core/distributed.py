@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "parallelize"]
@@ -90,6 +91,25 @@ def sharded_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def _cast_inputs_but_logsnr(dtype: torch.dtype) -> Any:
+    """A root forward pre-hook doing what FSDP2's ``cast_forward_inputs`` does (floating inputs
+    to the compute dtype) for every input but ``logsnr`` (positional 1 or keyword), which stays
+    in its own precision: bf16 has 8 significant bits, so log-SNR 14.9 would become 14.875 and
+    nearby noise levels would collapse onto one before the time embedding sees them."""
+
+    def cast(x: Any) -> Any:
+        return tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, x)
+
+    def hook(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args = tuple(a if i == 1 else cast(a) for i, a in enumerate(args))
+        kwargs = {k: v if k == "logsnr" else cast(v) for k, v in kwargs.items()}
+        return args, kwargs
+
+    return hook
+
+
 def parallelize(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -100,8 +120,10 @@ def parallelize(
 ) -> nn.Module:
     """FSDP2 (``fully_shard``) per repeated unit, then the root (torchtitan's recipe).
 
-    ``bf16`` casts parameters to bf16 for compute with fp32 gradient reduction (GPU); on CPU use
-    autocast instead (the engine does), since gloo's reduce-scatter of bf16 is slow.
+    ``bf16`` casts parameters to bf16 for compute with fp32 gradient reduction (the engine asks
+    for it on GPU; on CPU it uses autocast instead, since gloo's reduce-scatter of bf16 is
+    slow, but the policy works there too). Each unit casts its floating inputs to bf16; the
+    root casts all of its inputs but log-SNR, which reaches the conditioning in fp32.
     """
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     units = sharded_units(model)
@@ -111,5 +133,12 @@ def parallelize(
         if compile:
             unit.compile()
         fully_shard(unit, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if bf16:
+        root_mp = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+        fully_shard(model, mesh=mesh, mp_policy=root_mp)
+        model.register_forward_pre_hook(_cast_inputs_but_logsnr(torch.bfloat16), with_kwargs=True)
+    else:
+        fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -28,6 +28,7 @@ __all__ = [
     "NoiseSchedule",
     "Phase",
     "Sampler",
+    "SamplerCallback",
     "TextEmbedding",
     "Trainable",
 ]
@@ -119,14 +120,27 @@ class Denoiser(Protocol):
     def __call__(self, x: Tensor, logsnr: Tensor) -> Tensor: ...
 
 
+#: Per-step observer of a sampler (k-diffusion's pattern): called once per step ``i`` in
+#: ``0 .. steps-1``, before the step moves ``x``, with a dict holding ``"x"`` (the current
+#: x_t), ``"i"``, ``"logsnr"`` (the grid's scalar level of ``x``, a 0-d tensor) and
+#: ``"denoised"`` (the denoiser's x0 estimate there). For progress bars and previews; it must
+#: not modify the tensors.
+SamplerCallback = Callable[[dict[str, Any]], None]
+
+
 @runtime_checkable
 class Sampler(Protocol):
     def sample(
-        self, denoise: Denoiser, noise: Tensor, logsnrs: Tensor, generator: torch.Generator | None = None
+        self,
+        denoise: Denoiser,
+        noise: Tensor,
+        logsnrs: Tensor,
+        generator: torch.Generator | None = None,
+        callback: SamplerCallback | None = None,
     ) -> Tensor:
         """Integrate from ``noise`` (pure Gaussian at ``logsnrs[0]``) along ``logsnrs`` (length
         steps+1, strictly increasing log-SNR = decreasing noise) and return the final x0
-        estimate."""
+        estimate, calling ``callback`` (if given) once per step."""
 
 
 # A sampler factory: ``factory(config) -> Sampler``.

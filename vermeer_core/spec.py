@@ -83,6 +83,9 @@ DEFAULT_PROMPTS = (
 class SamplingSpec(_Strict):
     sampler: Any = _ref({"type": "dpmpp-2m"}, "reverse-process solver")
     steps: int = Field(32, gt=0)
+    grid: Literal["logsnr", "t"] = Field(
+        "logsnr", description="spacing of the sampler's noise levels: uniform in log-SNR or in t"
+    )
     guidance: float = Field(3.0, ge=0.0, description="classifier-free guidance weight; 1 = none")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
     seed: int = 0
