@@ -124,16 +124,17 @@ def test_generate_follows_the_spec_grid_and_threads_the_callback() -> None:
     model = build_stage_model(spec, reg, 0)
     sched = reg.build(spec.diffusion.schedule, "noise_schedule")
     sampler = reg.build(spec.sampling.sampler, "sampler")
-    for grid in ("logsnr", "t"):
-        s = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"grid": grid})})
+    # (the spec's grid, generate's override, the grid used)
+    for spec_grid, override, used in (("logsnr", None, "logsnr"), ("t", None, "t"), ("logsnr", "t", "t")):
+        s = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"grid": spec_grid})})
         seen: list[float] = []
         out = generate(
             model, ["a red circle"], spec=s, schedule=sched, sampler=sampler, resolution=32,
-            device=torch.device("cpu"), steps=3, guidance=1.0,
+            device=torch.device("cpu"), steps=3, guidance=1.0, grid=override,
             callback=lambda info: seen.append(float(info["logsnr"])),
         )  # fmt: skip
         assert out.shape == (1, 3, 32, 32)
-        assert seen == pytest.approx(logsnr_grid(sched, 32, 3, grid=grid)[:3].tolist())
+        assert seen == pytest.approx(logsnr_grid(sched, 32, 3, grid=used)[:3].tolist())
 
 
 def test_sample_passes_no_callback_to_samplers_that_predate_it(registry) -> None:

@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the spec's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", help="registered sampler name (default: the spec's)")
+    p.add_argument("--grid", choices=("logsnr", "t"),
+                   help="noise levels uniform in log-SNR or in t (default: the spec's)")
     p.add_argument("--out", required=True, help="PNG path/URL (a grid when several prompts)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_cmd_sample)
@@ -200,7 +202,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     images = generate(
         model, args.prompt, spec=spec, schedule=registry.build(spec.diffusion.schedule, "noise_schedule"),
         sampler=registry.build(sampler_ref, "sampler"), resolution=model.resolution, device=device,
-        steps=args.steps, guidance=args.guidance, seed=args.seed,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, grid=args.grid,
     )
     if len(args.prompt) == 1:
         save_png(images[0], args.out)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from vermeer_core.diffusion import sample
+from vermeer_core.diffusion import Grid, sample
 from vermeer_core.interfaces import SamplerCallback
 from vermeer_core.io import atomic_write_bytes, atomic_write_text
 
@@ -25,7 +25,7 @@ __all__ = ["generate", "to_uint8", "save_png", "save_grid", "plot_losses"]
 def generate(
     model: nn.Module, prompts: Sequence[str], *, spec: Any, schedule: Any, sampler: Any, resolution: int,
     device: torch.device, steps: int | None = None, guidance: float | None = None, seed: int | None = None,
-    callback: SamplerCallback | None = None,
+    grid: Grid | None = None, callback: SamplerCallback | None = None,
 ) -> Tensor:
     """Images for ``prompts`` with the spec's sampling settings (overridable), in [-1, 1];
     ``callback`` is called once per sampler step (:data:`~vermeer_core.interfaces.SamplerCallback`).
@@ -41,7 +41,7 @@ def generate(
             out = sample(
                 model, list(prompts), schedule=schedule, sampler=sampler, resolution=resolution,
                 steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
-                prediction=spec.diffusion.prediction, generator=gen, device=device, grid=s.grid,
+                prediction=spec.diffusion.prediction, generator=gen, device=device, grid=grid or s.grid,
                 callback=callback,
             )
     finally:
