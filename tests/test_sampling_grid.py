@@ -166,3 +166,23 @@ def test_spec_grid_is_validated() -> None:
     assert load_spec(SPECS / "quickstart.yaml", reg, ["sampling.grid=t"]).sampling.grid == "t"
     with pytest.raises(SpecError, match="grid"):
         load_spec(SPECS / "quickstart.yaml", reg, ["sampling.grid=uniform"])
+
+
+def _table(steps: int = 50) -> str:
+    """The measured table (kept std / data std, t grid vs log-SNR grid) as markdown."""
+    registry = load(extra=[samplers, schedules], autoload=False).registry
+    lines = ["| base | sampler | grid | " + " | ".join(f"{r}px" for r in RESOLUTIONS) + " |"]
+    lines.append("|" + " --- |" * (3 + len(RESOLUTIONS)))
+    for base in (64, 32):
+        sched = shifted(registry, base)
+        for name in NAMES:
+            for grid in ("t", "logsnr"):
+                kept = [kept_std(registry, name, logsnr_grid(sched, r, steps, grid=grid)) for r in RESOLUTIONS]
+                lines.append(f"| {base} | {name} | {grid} | " + " | ".join(f"{k:.3f}" for k in kept) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python tests/test_sampling_grid.py [steps]
+    import sys
+
+    print(_table(int(sys.argv[1]) if len(sys.argv) > 1 else 50))
