@@ -231,6 +231,43 @@ def test_prev_at_run_time_is_structure_only_and_copying_it_is_refused(tmp_path: 
         run(spec, plugins, tmp_path / "run")
 
 
+# --- real processes ----------------------------------------------------------------------------
+def plugin_env(tmp_path: Path) -> dict[str, str]:
+    """PYTHONPATH that installs the test policy for subprocesses (torchrun workers included):
+    a dist-info with a ``vermeer`` entry point ``test-warm = warm_policy:PLUGIN``."""
+    site = tmp_path / "site"
+    info = site / "vermeer_test_warm-0.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vermeer-test-warm\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[vermeer]\ntest-warm = warm_policy:PLUGIN\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.slow  # ~35 s: two CLI processes
+def test_kill_at_the_growth_step_resumes_bit_exactly_with_transfers(warm_run: tuple[Path, Probe],
+                                                                     tmp_path: Path) -> None:
+    """SIGKILL right after the stage-0 checkpoint commits (test_resume.py's fault injection),
+    then a fresh process resumes: it replays stage 0, applies the transfers to the restored
+    state and ends bit-identical to the uninterrupted in-process run."""
+    ref, _ = warm_run
+    spec = tmp_path / "s.yaml"
+    spec.write_text((ref / "spec.lock.yaml").read_text())
+    out = tmp_path / "run"
+    env = plugin_env(tmp_path)
+    killed = run_cli(["run", str(spec), "--out", str(out)], fault=f"after-marker:{STAGE0_END}", env=env)
+    assert killed.returncode == -9, killed.stderr
+    assert max(r["step"] for r in read_metrics(out)) == STAGE0_END
+    resumed = run_cli(["run", str(spec), "--out", str(out)], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {STAGE0_END} (stage 0, phase core)" in resumed.stderr
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(ref)]
+    name = f"checkpoints/step-{TOTAL_STEPS:08d}"
+    a, b = consolidate(out / name, tmp_path), consolidate(ref / name, tmp_path)
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in b[part]), part
+    assert all(torch.equal(a["optim"][k][s], b["optim"][k][s]) for k in b["optim"] for s in b["optim"][k])
+
+
 # --- world size 2: transfers on sharded tensors ------------------------------------------------
 @pytest.mark.slow  # ~40 s: two torchrun workers
 def test_transfers_at_world_size_2_match_world_size_1(warm_run: tuple[Path, Probe], tmp_path: Path) -> None:
@@ -238,16 +275,10 @@ def test_transfers_at_world_size_2_match_world_size_1(warm_run: tuple[Path, Prob
     local clones, functions on the full tensors re-split), and the run equals world size 1
     within the float tolerance of tests/test_distributed.py."""
     ref, _ = warm_run
-    site = tmp_path / "site"
-    info = site / "vermeer_test_warm-0.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vermeer-test-warm\nVersion: 0.0\n")
-    (info / "entry_points.txt").write_text("[vermeer]\ntest-warm = warm_policy:PLUGIN\n")
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(warm_data(checkpoint_every=6)))
     out = tmp_path / "run"
-    paths = os.pathsep.join([str(site), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    r = run_cli(["run", str(spec), "--out", str(out), "--nproc-per-node", "2"], env={"PYTHONPATH": paths})
+    r = run_cli(["run", str(spec), "--out", str(out), "--nproc-per-node", "2"], env=plugin_env(tmp_path))
     assert r.returncode == 0, r.stderr
     a, b = read_metrics(ref), read_metrics(out)
     assert [x["step"] for x in a] == [x["step"] for x in b]
