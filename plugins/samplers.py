@@ -14,10 +14,15 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from vermeer_core.diffusion import alpha_sigma, noise_like
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import Denoiser, SamplerCallback
-from vermeer_core.registry import ComponentConfig, Registry
+from vermeer_core.api import (
+    ComponentConfig,
+    Denoiser,
+    Registry,
+    SamplerCallback,
+    alpha_sigma,
+    hookimpl,
+    noise_like,
+)
 
 __all__ = [
     "DDIMConfig",
