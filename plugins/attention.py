@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import AttentionFn
-from vermeer_core.registry import ComponentConfig, Registry
+from vermeer_core.api import AttentionFn, ComponentConfig, hookimpl, Registry
 
 __all__ = [
     "AttentionUnavailableError",

@@ -9,44 +9,26 @@ everything (B). ``from-scratch``: a fresh U-Net at every stage, trained end to e
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import Phase, Trainable
-from vermeer_core.model import GrowthContext, VermeerModel
-from vermeer_core.registry import ComponentConfig, Registry
+from vermeer_core.api import (
+    check_phase_names,
+    ComponentConfig,
+    GrowthContext,
+    hookimpl,
+    Phase,
+    PhaseConfig,
+    Registry,
+    VermeerModel,
+)
 
 __all__ = [
     "FromScratchConfig",
     "FromScratchGrowth",
     "GreedyGrowth",
     "GreedyGrowthConfig",
-    "PhaseConfig",
     "vermeer_register",
 ]
-
-
-class PhaseConfig(BaseModel):
-    """One training phase of a stage."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(..., min_length=1, description="phase name (unique within the stage)")
-    steps: int = Field(..., gt=0, description="optimizer steps")
-    lr_mult: float = Field(1.0, gt=0, description="multiplier on optim.lr")
-    trainable: Trainable = Field(
-        "all", description="'all', 'new' (layers added at this stage) or 'all-but-core'"
-    )
-
-
-def _check_phases(phases: list[PhaseConfig]) -> list[PhaseConfig]:
-    if not phases:
-        raise ValueError("a stage needs at least one phase")
-    names = [p.name for p in phases]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"phase names must be unique within a stage; repeated: {', '.join(repeated)}")
-    return phases
 
 
 class _PhasesConfig(ComponentConfig):
@@ -55,7 +37,7 @@ class _PhasesConfig(ComponentConfig):
     @field_validator("phases")
     @classmethod
     def _unique(cls, phases: list[PhaseConfig]) -> list[PhaseConfig]:
-        return _check_phases(phases)
+        return check_phase_names(phases)
 
     def smoke(self) -> _PhasesConfig:
         return self.model_copy(update={"phases": [p.model_copy(update={"steps": 2}) for p in self.phases]})
@@ -86,7 +68,7 @@ class _ConfiguredPhases:
     config: _PhasesConfig
 
     def phases(self, ctx: GrowthContext) -> list[Phase]:
-        return [Phase(p.name, p.steps, p.lr_mult, p.trainable) for p in self.config.phases]
+        return [p.phase() for p in self.config.phases]
 
 
 class GreedyGrowth(_ConfiguredPhases):

@@ -14,8 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.registry import ComponentConfig, Registry
+from vermeer_core.api import ComponentConfig, hookimpl, Registry
 
 __all__ = [
     "Decoder",

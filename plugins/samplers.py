@@ -13,10 +13,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from vermeer_core.diffusion import alpha_sigma, noise_like
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import Denoiser
-from vermeer_core.registry import ComponentConfig, Registry
+from vermeer_core.api import alpha_sigma, ComponentConfig, Denoiser, hookimpl, noise_like, Registry
 
 __all__ = [
     "DDIMConfig",

@@ -27,8 +27,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.registry import ComponentConfig, Registry
+from vermeer_core.api import ComponentConfig, hookimpl, Registry
 
 __all__ = [
     "CosineConfig",

@@ -20,9 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import AttentionFn, TextEmbedding
-from vermeer_core.registry import ComponentConfig, Registry
+from vermeer_core.api import AttentionFn, ComponentConfig, hookimpl, Registry, TextEmbedding
 
 __all__ = [
     "Block",

@@ -21,9 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import Batch
-from vermeer_core.registry import ComponentConfig
+from vermeer_core.api import Batch, ComponentConfig, hookimpl
 
 __all__ = [
     "COLOURS",

@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import TextEmbedding
-from vermeer_core.registry import ComponentConfig
+from vermeer_core.api import ComponentConfig, hookimpl, TextEmbedding
 
 __all__ = [
     "BOS",

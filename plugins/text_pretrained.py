@@ -49,10 +49,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from vermeer_core.errors import VermeerError
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import TextEmbedding
-from vermeer_core.registry import ComponentConfig
+from vermeer_core.api import ComponentConfig, hookimpl, TextEmbedding, VermeerError
 
 __all__ = [
     "ClipEncoderConfig",

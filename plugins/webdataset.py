@@ -54,18 +54,18 @@ from pydantic import Field
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vermeer_core.datatools import (
-    RawSample,
-    ShardError,
+from vermeer_core.api import (
+    Batch,
+    ComponentConfig,
+    DataError,
+    hookimpl,
     iter_shard,
     load_image,
+    RawSample,
     register_fsspec_openers,
     resolve_shards,
+    ShardError,
 )
-from vermeer_core.errors import DataError
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import Batch
-from vermeer_core.registry import ComponentConfig
 
 __all__ = ["REASONS", "WebDatasetConfig", "WebDatasetStream", "build_webdataset", "vermeer_register"]
 

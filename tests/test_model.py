@@ -100,7 +100,7 @@ def test_parameter_groups_split_core_from_periphery(reg, spec) -> None:
 
 def test_trainable_choices_and_errors(reg, spec) -> None:
     model = build_stage_model(spec, reg, 0)
-    with pytest.raises(ValueError, match="trainable must be one of"):
+    with pytest.raises(ValueError, match="unknown alias .some.; aliases: all, new, all-but-core"):
         select_trainable(model, "some")  # type: ignore[arg-type]
     model.new_modules = frozenset()
     with pytest.raises(ValueError, match="phase 'A' .* trains no parameter"):

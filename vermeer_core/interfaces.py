@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,16 @@ if TYPE_CHECKING:
     from vermeer_core.model import GrowthContext, VermeerModel
 
 __all__ = [
+    "AttentionFactory",
     "AttentionFn",
+    "BlockFactory",
+    "CoreFactory",
+    "DatasetFactory",
+    "GrowthPolicyFactory",
+    "NoiseScheduleFactory",
+    "ParamMatch",
+    "SamplerFactory",
+    "TextEncoderFactory",
     "Batch",
     "BlockFamily",
     "DataStream",
@@ -47,9 +56,7 @@ class TextEmbedding(NamedTuple):
     pooled: Tensor  # (B, dim)
 
 
-# A text_encoder factory: ``factory(config) -> nn.Module`` with an int attribute ``dim`` and
-# ``forward(captions: Sequence[str]) -> TextEmbedding`` (tokenisation happens inside, on the
-# module's device). The empty caption "" is the unconditional input used for CFG.
+# A text_encoder factory: see :class:`TextEncoderFactory` below.
 
 
 # --- attention ----------------------------------------------------------------------------
@@ -65,11 +72,7 @@ class AttentionFn(Protocol):
 
 
 # --- core ---------------------------------------------------------------------------------
-# A core factory: ``factory(config, *, channels: int, grid: int, cond_dim: int, text_dim: int,
-# attention: AttentionFn) -> nn.Module`` whose
-# ``forward(x: (B, channels, grid, grid), cond: (B, cond_dim), text: TextEmbedding)``
-# returns (B, channels, grid, grid). Repeated transformer blocks live in ``.blocks``
-# (an nn.ModuleList) so the engine can shard/checkpoint/compile each one.
+# A core factory: see :class:`CoreFactory` below.
 
 
 # --- block --------------------------------------------------------------------------------
@@ -97,7 +100,7 @@ class BlockFamily(Protocol):
         (skip_ch), residual blocks; returns (B, ch, 2h, 2w)."""
 
 
-# A block factory: ``factory(config) -> BlockFamily``.
+# A block factory: see :class:`BlockFactory` below.
 
 
 # --- noise_schedule -----------------------------------------------------------------------
@@ -108,7 +111,7 @@ class NoiseSchedule(Protocol):
         in t, finite at both ends (clipped)."""
 
 
-# A noise_schedule factory: ``factory(config) -> NoiseSchedule``.
+# A noise_schedule factory: see :class:`NoiseScheduleFactory` below.
 
 
 # --- sampler ------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ class Sampler(Protocol):
         estimate."""
 
 
-# A sampler factory: ``factory(config) -> Sampler``.
+# A sampler factory: see :class:`SamplerFactory` below.
 
 
 # --- dataset ------------------------------------------------------------------------------
@@ -156,17 +159,46 @@ class DataStream(Protocol):
     # reason); the engine logs them in metrics.jsonl as ``data_<name>`` on every log step.
 
 
-# A dataset factory: ``factory(config, *, resolution: int, batch_size: int, rank: int,
-# world_size: int, seed: int) -> DataStream``; ``batch_size`` is per rank.
+# A dataset factory: see :class:`DatasetFactory` below.
 
 
 # --- growth_policy ------------------------------------------------------------------------
-Trainable = Literal["all", "new", "all-but-core"]
+@dataclass(frozen=True)
+class ParamMatch:
+    """One entry of a phase's ``trainable`` list: the parameters ``match`` selects train at
+    ``lr_mult`` x the phase's lr, as one optimizer param group named ``name`` (logged as
+    ``lr/<name>`` in metrics.jsonl; default: ``match`` itself).
+
+    ``match`` is a named alias (``all``, ``new``, ``all-but-core``: see
+    :data:`vermeer_core.phases.ALIASES`) or a glob over stable parameter names
+    (``fnmatch`` syntax: ``core.blocks.[6-7].*``); a glob also matches every parameter under
+    a module it names (``core.blocks.7`` = ``core.blocks.7.*``). A parameter belongs to the
+    FIRST entry that matches it, so ``[{match: core.blocks.7, lr_mult: 0.1}, all]`` trains the
+    last block at 0.1x and everything else at 1x.
+    """
+
+    match: str
+    lr_mult: float = 1.0
+    name: str | None = None
+
+    @property
+    def group(self) -> str:
+        return self.name or self.match
+
+
+#: What a phase trains: one alias or glob, or a sequence of them / of :class:`ParamMatch`
+#: (first match wins; each entry becomes one optimizer param group).
+Trainable = Union[str, Sequence[Union[str, ParamMatch]]]
 
 
 @dataclass(frozen=True)
 class Phase:
-    """A training phase of one stage: which parameters train, for how long, at what lr."""
+    """A training phase of one stage: which parameters train, for how long, at what lr.
+
+    ``lr_mult`` scales ``optim.lr`` for the whole phase; a :class:`ParamMatch` entry's own
+    ``lr_mult`` scales it again for its group. Use a tuple (not a list) for ``trainable`` so
+    the phase stays hashable.
+    """
 
     name: str
     steps: int
@@ -176,16 +208,118 @@ class Phase:
 
 @runtime_checkable
 class GrowthPolicy(Protocol):
+    """How a model becomes the next stage's model, and the stage's training phases.
+
+    **What ``prev`` holds.** ``prev`` is the previous stage's model as *structure only*:
+    module tree, parameter names, shapes and dtypes, never trained values. At run time (and in
+    ``vermeer plan``/``validate``) the engine rebuilds it with
+    :func:`vermeer_core.model.replay`, whose tensors live on the ``meta`` device (or, for a
+    component that cannot be built there, are freshly initialised on the CPU): reading
+    ``prev``'s values gives an error or an untrained initialisation, never the trained
+    weights. In a unit test that grows from a model you trained in-process, ``prev`` does
+    hold values, so a policy that copies them passes its test and then trains from nothing
+    in a real run: do not read values from ``prev``; declare transfers.
+
+    **Reuse.** A module of ``prev`` placed in the new model *as the same object* keeps its
+    parameter names and the engine loads its trained tensors, EMA and optimizer state by
+    name. Every module created here is recorded in the returned model's ``new_modules``
+    (dotted prefixes): that is what the phase alias ``new`` trains, whether or not it is
+    warm-started. Do not deep-copy modules of ``prev`` into new positions: a copy holds no
+    trained values (a new module whose tensors are on ``meta`` is refused).
+
+    **Transfers: trained values into new tensors.** Record them on the returned model::
+
+        model.transfers["core.blocks.1"] = "core.blocks.0"      # module prefix -> prefix
+        model.transfers["stem.proj.weight"] = "stem.proj.weight" # tensor -> tensor
+        model.transfers["head.proj.weight"] = Transfer(lambda a, b: (a + b) / 2,
+                                                       ("head.proj.weight", "shallow_out.x.weight"))
+
+    Keys name tensors (or module prefixes) of the NEW model, values tensors (prefixes) of
+    ``prev``'s names, including modules the new stage discards (e.g. the Shallow-UViT
+    periphery). A more specific key wins over a prefix that covers it. After the new model
+    is sharded and its reused tensors are loaded, the engine sets, for each target:
+
+    * the weight to the trained source (or ``fn`` of the full trained sources);
+    * the EMA shadow to the source's shadow (or ``fn`` of the shadows), with its EMA age;
+    * the AdamW state (``exp_avg``, ``exp_avg_sq``, ``step``) to a copy of the source's; for
+      a ``Transfer`` with ``fn`` the moments start fresh unless ``moments=True`` (then ``fn``
+      is applied to each moment and ``step`` is the sources' largest: right for a copy,
+      slice or permutation, wrong for a mix). A source that never trained gives no state.
+
+    A transfer may also target a reused tensor (its carried value is replaced). A target or
+    source that does not exist, or a shape mismatch, fails before any training (and in
+    ``vermeer validate``/``plan``) with a message naming both tensors. Transfers apply when
+    the stage starts from the previous stage; a resume inside the stage loads the
+    transferred tensors from the checkpoint like any other, so resume stays exact.
+    """
+
     def grow(self, prev: VermeerModel | None, ctx: GrowthContext) -> VermeerModel:
-        """Return the model for stage ``ctx.stage`` (``prev`` is None at stage 0). Must be a
-        pure function of (spec, stage) given ``prev``: new weights come from torch's global
-        generator, which the caller seeds from (spec.seed, stage) inside ``fork_rng``; no data.
-        Reused modules keep their parameter names and tensors. Record every module created
-        here in the returned model's ``new_modules``."""
+        """Return the model for stage ``ctx.stage`` (``prev`` is None at stage 0: it has no
+        transfers). Must be a pure function of (spec, stage) given ``prev``'s structure: new
+        weights come from torch's global generator, which the caller seeds from
+        (spec.seed, stage) inside ``fork_rng``; no data. Reused modules keep their parameter
+        names. Record every module created here in the returned model's ``new_modules`` and
+        every warm start in its ``transfers``."""
 
     def phases(self, ctx: GrowthContext) -> list[Phase]:
         """The phases of stage ``ctx.stage``, in order."""
 
 
-# A growth_policy factory: ``factory(config) -> GrowthPolicy``.
+# --- factories: what ``registry.add(kind, name, factory, config)`` takes ------------------
+# ``config`` is the validated instance of the config model the component registered (typed
+# ``Any`` here because each factory takes its own ComponentConfig subclass).
+class CoreFactory(Protocol):
+    """``core``: an ``nn.Module`` with ``forward(x (B, channels, grid, grid), cond
+    (B, cond_dim), text: TextEmbedding) -> (B, channels, grid, grid)``; repeated transformer
+    blocks in ``.blocks`` (an ``nn.ModuleList``) so the engine can shard, checkpoint and
+    compile each one."""
 
+    def __call__(
+        self, config: Any, /, *, channels: int, grid: int, cond_dim: int, text_dim: int, attention: AttentionFn
+    ) -> nn.Module: ...
+
+
+class BlockFactory(Protocol):
+    """``block``: the family of convolutional parts around the core."""
+
+    def __call__(self, config: Any, /) -> BlockFamily: ...
+
+
+class TextEncoderFactory(Protocol):
+    """``text_encoder``: an ``nn.Module`` with an int attribute ``dim`` and
+    ``forward(captions: Sequence[str]) -> TextEmbedding`` (tokenises on its own device; ""
+    is the unconditional input for CFG)."""
+
+    def __call__(self, config: Any, /) -> nn.Module: ...
+
+
+class AttentionFactory(Protocol):
+    """``attention``: an attention kernel."""
+
+    def __call__(self, config: Any, /) -> AttentionFn: ...
+
+
+class NoiseScheduleFactory(Protocol):
+    """``noise_schedule``."""
+
+    def __call__(self, config: Any, /) -> NoiseSchedule: ...
+
+
+class SamplerFactory(Protocol):
+    """``sampler``."""
+
+    def __call__(self, config: Any, /) -> Sampler: ...
+
+
+class DatasetFactory(Protocol):
+    """``dataset``: one rank's stream; ``batch_size`` is per rank."""
+
+    def __call__(
+        self, config: Any, /, *, resolution: int, batch_size: int, rank: int, world_size: int, seed: int
+    ) -> DataStream: ...
+
+
+class GrowthPolicyFactory(Protocol):
+    """``growth_policy``."""
+
+    def __call__(self, config: Any, /) -> GrowthPolicy: ...

@@ -15,13 +15,18 @@ import math
 from collections.abc import Sequence, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from vermeer_core.interfaces import BlockFamily, GrowthPolicy, Phase, TextEmbedding, Trainable
+from vermeer_core.phases import CORE_MODULES, ParamGroup, resolve_phase
 from vermeer_core.registry import Registry
+from vermeer_core.transfer import TransferMap
+
+if TYPE_CHECKING:
+    from vermeer_core.spec import RunSpec
 
 __all__ = [
     "CORE_MODULES",
@@ -33,16 +38,14 @@ __all__ = [
     "build_stage_model",
     "growth_context",
     "logsnr_fourier_features",
+    "materialize",
     "param_groups",
+    "phase_groups",
     "replay",
     "select_trainable",
     "stage_phases",
     "stage_seed",
 ]
-
-#: The top-level modules that carry text-image alignment: kept by greedy growth, frozen in its
-#: phase A, excluded by ``trainable: all-but-core``.
-CORE_MODULES: tuple[str, ...] = ("text", "cond", "core")
 
 # Log-SNR of a clipped schedule spans roughly [-20, 20]; frequencies from 1/64 (a near-linear
 # code of the whole range) to 4 rad per unit (resolves steps of a fraction of a unit).
@@ -126,8 +129,12 @@ class VermeerModel(nn.Module):
         self.add_module("shallow_out", shallow_out)
         self.decoders = nn.ModuleDict({_key(r): decoders[r] for r in order})
         self.head = head
-        #: dotted module-name prefixes created at this model's last growth
+        #: dotted module-name prefixes created at this model's last growth (what the phase
+        #: alias ``new`` trains, warm-started or not)
         self.new_modules = frozenset(new_modules)
+        #: warm starts from the previous stage's trained tensors, recorded by the growth
+        #: policy: new name/prefix -> old name/prefix | Transfer (see vermeer_core.transfer)
+        self.transfers: TransferMap = {}
         #: parameter names a component built frozen (e.g. a pretrained text encoder); no
         #: phase makes them trainable. Set by the builder.
         self.always_frozen: frozenset[str] = frozenset()
@@ -194,27 +201,20 @@ def param_groups(model: VermeerModel) -> dict[str, list[str]]:
 
 
 def select_trainable(model: VermeerModel, trainable: Trainable) -> set[str]:
-    """Names of the parameters that train under ``trainable``: ``all``; ``new`` (created at
-    the model's last growth); ``all-but-core`` (everything outside text, cond, core)."""
-    names = [n for n, _ in model.named_parameters() if n not in model.always_frozen]
-    if trainable == "all":
-        return set(names)
-    if trainable == "new":
-        return {n for n in names if _under(n, model.new_modules)}
-    if trainable == "all-but-core":
-        return {n for n in names if not _under(n, CORE_MODULES)}
-    raise ValueError(f"trainable must be one of 'all', 'new', 'all-but-core', got {trainable!r}")
+    """Names of the parameters that train under ``trainable`` (aliases, globs or a list of
+    them: see :mod:`vermeer_core.phases`)."""
+    return set().union(*(g.names for g in resolve_phase(model, Phase("trainable", 1, trainable=trainable))))
+
+
+def phase_groups(model: VermeerModel, phase: Phase) -> list[ParamGroup]:
+    """The optimizer param groups of ``phase`` on ``model`` (see :func:`resolve_phase`)."""
+    return resolve_phase(model, phase)
 
 
 def apply_phase(model: VermeerModel, phase: Phase) -> set[str]:
     """Set ``requires_grad`` for ``phase`` (frozen parameters get no gradient); returns the
     trainable names."""
-    chosen = select_trainable(model, phase.trainable)
-    if not chosen:
-        raise ValueError(
-            f"phase {phase.name!r} (trainable: {phase.trainable}) trains no parameter of the "
-            f"{model.resolution}x{model.resolution} model; choose another 'trainable'"
-        )
+    chosen: set[str] = set().union(*(g.names for g in resolve_phase(model, phase)))
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
     return chosen
@@ -225,7 +225,7 @@ class ModelBuilder:
     """Builds every piece of a :class:`VermeerModel` from ``spec`` through ``registry``, and
     assembles Shallow-UViT and U-Net models from them."""
 
-    def __init__(self, spec: Any, registry: Registry) -> None:
+    def __init__(self, spec: RunSpec, registry: Registry) -> None:
         self.spec, self.registry = spec, registry
         self.grid: int = spec.model.grid
         self.cond_dim: int = spec.model.cond_dim
@@ -373,12 +373,12 @@ class GrowthContext:
     stage: int
     resolution: int
     prev_resolution: int | None
-    spec: Any
+    spec: RunSpec
     builder: ModelBuilder
     registry: Registry
 
 
-def growth_context(spec: Any, registry: Registry, stage: int) -> GrowthContext:
+def growth_context(spec: RunSpec, registry: Registry, stage: int) -> GrowthContext:
     if not 0 <= stage < len(spec.stages):
         raise ValueError(f"stage {stage} does not exist; the spec has stages 0..{len(spec.stages) - 1}")
     return GrowthContext(
@@ -391,7 +391,7 @@ def growth_context(spec: Any, registry: Registry, stage: int) -> GrowthContext:
     )
 
 
-def _policy(spec: Any, registry: Registry, stage: int) -> GrowthPolicy:
+def _policy(spec: RunSpec, registry: Registry, stage: int) -> GrowthPolicy:
     return registry.build(spec.stages[stage].growth, "growth_policy")
 
 
@@ -411,7 +411,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def build_stage_model(
-    spec: Any, registry: Registry, stage: int, prev: VermeerModel | None = None
+    spec: RunSpec, registry: Registry, stage: int, prev: VermeerModel | None = None
 ) -> VermeerModel:
     """The model of ``stage``, grown from ``prev`` (the previous stage's model) by the stage's
     growth policy. New weights are a deterministic function of (spec.seed, stage)."""
@@ -431,7 +431,7 @@ def build_stage_model(
     return model
 
 
-def stage_phases(spec: Any, registry: Registry, stage: int) -> list[Phase]:
+def stage_phases(spec: RunSpec, registry: Registry, stage: int) -> list[Phase]:
     """The training phases of ``stage``, in order."""
     return _policy(spec, registry, stage).phases(growth_context(spec, registry, stage))
 
@@ -441,14 +441,16 @@ def _has_unsaved_buffers(model: nn.Module) -> bool:
     return any(name not in saved for name, _ in model.named_buffers())
 
 
-def replay(spec: Any, registry: Registry, stage: int, device: torch.device | str = "cpu") -> VermeerModel:
-    """The topology of ``stage``, grown structurally from stage 0 (for resume).
+def replay(spec: RunSpec, registry: Registry, stage: int, device: torch.device | str = "cpu") -> VermeerModel:
+    """The topology of ``stage``, grown structurally from stage 0 (for resume, and as the
+    ``prev`` a growth policy grows from at run time).
 
     Weights are NOT meaningful: load a state dict into the result. Growth runs on the meta
-    device (no memory, no init cost) and the result is materialised on ``device`` with
-    uninitialised storage. If a component cannot be built on meta, or keeps non-persistent
-    buffers that ``to_empty`` would leave as garbage and a state dict would not restore, the
-    stages are built for real instead (slower, same topology).
+    device (no memory, no init cost); with ``device="meta"`` the result stays there, else it
+    is materialised on ``device`` with uninitialised storage. If a component cannot be built
+    on meta, or keeps non-persistent buffers that ``to_empty`` would leave as garbage and a
+    state dict would not restore, the stages are built for real instead (slower, same
+    topology, freshly initialised values).
     """
     growth_context(spec, registry, stage)  # validates ``stage``
     try:
@@ -457,11 +459,34 @@ def replay(spec: Any, registry: Registry, stage: int, device: torch.device | str
     except (NotImplementedError, RuntimeError):
         model = None
     if model is None or _has_unsaved_buffers(model):
-        return _grow_to(spec, registry, stage).to(device)
+        real = _grow_to(spec, registry, stage)
+        return real if torch.device(device).type == "meta" else real.to(device)
+    if torch.device(device).type == "meta":
+        return model
     return model.to_empty(device=device)
 
 
-def _grow_to(spec: Any, registry: Registry, stage: int) -> VermeerModel:
+def materialize(model: VermeerModel, device: torch.device | str) -> None:
+    """Give the modules ``model`` reused from a ``meta`` ``prev`` empty storage on ``device``
+    (the engine loads their trained tensors next). A NEW module (under ``new_modules``) on
+    meta was copied from ``prev``, which holds no trained values: that is refused, naming
+    the tensor and the fix (a transfer)."""
+    for mod_name, module in model.named_modules():
+        direct = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        meta = [n for n, t in direct if t is not None and t.is_meta]
+        if not meta:
+            continue
+        full = f"{mod_name}.{meta[0]}" if mod_name else meta[0]
+        if _under(full, model.new_modules):
+            raise ValueError(
+                f"new tensor {full} is on the meta device: it was copied from the previous stage's "
+                "model, which holds structure but no trained values at run time. Build new modules "
+                "fresh and declare a transfer (model.transfers[new] = old) to warm-start them"
+            )
+        module.to_empty(device=device, recurse=False)
+
+
+def _grow_to(spec: RunSpec, registry: Registry, stage: int) -> VermeerModel:
     model: VermeerModel | None = None
     for k in range(stage + 1):
         model = build_stage_model(spec, registry, k, prev=model)

@@ -1,0 +1,106 @@
+"""The public plugin API: everything a vermeer plugin imports, from one module.
+
+Built-in plugins (``vermeer_plugins``) import only from here, like a third party's::
+
+    from vermeer_core.api import ComponentConfig, GrowthContext, PhaseConfig, Transfer, hookimpl
+
+Names exported here stay stable; anything else in ``vermeer_core`` may change. Hooks are
+documented in :mod:`vermeer_core.hookspecs`, what each component kind provides (factory
+Protocols, the objects they return) in :mod:`vermeer_core.interfaces`, and the contract of a
+growth policy (what ``prev`` holds, transfers, phases) in :class:`GrowthPolicy`.
+"""
+
+from __future__ import annotations
+
+from vermeer_core.datatools import (
+    RawSample,
+    ShardError,
+    iter_shard,
+    load_image,
+    register_fsspec_openers,
+    resolve_shards,
+)
+from vermeer_core.diffusion import alpha_sigma, noise_like
+from vermeer_core.errors import DataError, VermeerError
+from vermeer_core.hookspecs import hookimpl
+from vermeer_core.interfaces import (
+    AttentionFactory,
+    AttentionFn,
+    Batch,
+    BlockFactory,
+    BlockFamily,
+    CoreFactory,
+    DataStream,
+    DatasetFactory,
+    Denoiser,
+    GrowthPolicy,
+    GrowthPolicyFactory,
+    NoiseSchedule,
+    NoiseScheduleFactory,
+    ParamMatch,
+    Phase,
+    Sampler,
+    SamplerFactory,
+    TextEmbedding,
+    TextEncoderFactory,
+    Trainable,
+)
+from vermeer_core.model import CORE_MODULES, GrowthContext, ModelBuilder, VermeerModel
+from vermeer_core.phases import ALIASES, ParamGroup, PhaseConfig, PhaseError, TrainableEntry, check_phase_names
+from vermeer_core.registry import ComponentConfig, Registry
+from vermeer_core.spec import RunSpec
+from vermeer_core.transfer import Transfer, TransferError, TransferMap
+
+__all__ = [
+    # hooks and registration
+    "hookimpl",
+    "ComponentConfig",
+    "Registry",
+    "RunSpec",
+    # growth
+    "ALIASES",
+    "CORE_MODULES",
+    "GrowthContext",
+    "GrowthPolicy",
+    "ModelBuilder",
+    "ParamGroup",
+    "ParamMatch",
+    "Phase",
+    "PhaseConfig",
+    "PhaseError",
+    "Trainable",
+    "TrainableEntry",
+    "Transfer",
+    "TransferError",
+    "TransferMap",
+    "VermeerModel",
+    "check_phase_names",
+    # component interfaces and factory Protocols
+    "AttentionFactory",
+    "AttentionFn",
+    "Batch",
+    "BlockFactory",
+    "BlockFamily",
+    "CoreFactory",
+    "DataStream",
+    "DatasetFactory",
+    "Denoiser",
+    "GrowthPolicyFactory",
+    "NoiseSchedule",
+    "NoiseScheduleFactory",
+    "Sampler",
+    "SamplerFactory",
+    "TextEmbedding",
+    "TextEncoderFactory",
+    # helpers components share
+    "DataError",
+    "RawSample",
+    "ShardError",
+    "VermeerError",
+    "alpha_sigma",
+    "iter_shard",
+    "load_image",
+    "noise_like",
+    "register_fsspec_openers",
+    "resolve_shards",
+]
