@@ -210,7 +210,7 @@ def test_phase_start_on_resume_mid_phase(reference: Path, tmp_path: Path) -> Non
 # --- non-finite losses ----------------------------------------------------------------------------
 def test_nonfinite_step_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    spec = write_spec(tmp_path / "s.yaml", spec_data(checkpoint_every=100))
+    spec = write_spec(tmp_path / "s.yaml", spec_data(checkpoint_every=100, max_skipped_fraction=0.2))
     monkeypatch.setenv("VERMEER_FAULT", "nan:3-3")
     out = tmp_path / "run"
     assert main(["run", str(spec), "--out", str(out), "--set", "stages.1.growth.phases.1.steps=1"]) == 0
@@ -225,7 +225,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path: Path, monkeypatch: pyte
 def test_too_many_nonfinite_steps_stop_with_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = write_spec(tmp_path / "s.yaml")
+    spec = write_spec(tmp_path / "s.yaml", spec_data(max_skipped_fraction=1.0))
     out = tmp_path / "run"
     monkeypatch.setenv("VERMEER_FAULT", "nan:3-5")  # max_bad_steps=3
     assert main(["run", str(spec), "--out", str(out)]) == 1

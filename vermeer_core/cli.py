@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from vermeer_core.errors import VermeerError
 from vermeer_core.plugins import PluginError, get_plugins
-from vermeer_core.spec import SpecError, load_spec, spec_model
+from vermeer_core.registry import Registry
+from vermeer_core.spec import RunSpec, SpecError, load_spec, spec_model
 
 __all__ = ["main", "build_parser"]
 
@@ -29,8 +30,18 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _load_checked(args: argparse.Namespace, registry: Registry) -> RunSpec:
+    """The spec, validated, with its growth schedule (transfers, phases) resolved on meta
+    models: any problem is a :class:`SpecError` (exit 2) before anything is written."""
+    from vermeer_core.preflight import check_growth
+
+    spec = load_spec(args.spec, registry, args.overrides)
+    check_growth(spec, registry, args.spec)
+    return spec
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec, get_plugins().registry, args.overrides)
+    spec = _load_checked(args, get_plugins().registry)
     print(f"{args.spec}: valid ({len(spec.stages)} stages: " + " -> ".join(str(s.resolution) for s in spec.stages) + ")")
     return 0
 
@@ -39,7 +50,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from vermeer_core.plan import plan_rows, print_plan
 
     registry = get_plugins().registry
-    spec = load_spec(args.spec, registry, args.overrides)
+    spec = _load_checked(args, registry)
     rows = plan_rows(spec, registry, world_size=args.world_size)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -149,7 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from vermeer_core.io import join
 
     plugins = get_plugins()
-    spec = load_spec(args.spec, plugins.registry, args.overrides)  # exit 2 before any output exists
+    spec = _load_checked(args, plugins.registry)  # exit 2 before any output exists
     if args.smoke:
         from vermeer_core.smoke import smoke_spec
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vermeer_core.checkpoint import Checkpointer
 from vermeer_core.diffusion import diffusion_loss
@@ -34,11 +34,15 @@ from vermeer_core.errors import VermeerError
 from vermeer_core.io import atomic_write_text, join
 from vermeer_core.metrics import MetricsLog, memory_bytes, peak_flops
 from vermeer_core.plan import stage_forward_flops
-from vermeer_core.model import VermeerModel, apply_phase, build_stage_model, replay
+from vermeer_core.model import (
+    VermeerModel, apply_phase, build_stage_model, materialize, phase_groups, replay, stage_transfers,
+)
 from vermeer_core.optim import OptimState, build_optimizer, lr_factor, park_state
+from vermeer_core.phases import PhaseError
 from vermeer_core.plugins import Plugins
 from vermeer_core.schedule_table import Slot, locate, step_table
 from vermeer_core.spec import RunSpec, dump_spec, spec_hash
+from vermeer_core.transfer import Transfer, TransferError, check_result
 
 __all__ = ["Engine", "RunError", "RESUMABLE_CHANGES", "spec_changes"]
 
@@ -54,6 +58,7 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.max_bad_steps",
+    "train.max_skipped_fraction",
     "sampling.*",
     "sampling.sampler.*",
     "stages.*.growth.phases.*.steps",
@@ -132,7 +137,11 @@ class Engine:
                 )
         self.metrics: MetricsLog | None = None
         self.losses: list[tuple[int, float]] = []
-        self.skipped_steps = 0  # non-finite steps skipped by this process (logged in metrics)
+        # Non-finite steps: skipped in total (logged), in a row (spans phases and stages) and
+        # in the current phase; all three are checkpointed, so a resume counts on.
+        self.skipped_steps = 0
+        self.bad_in_row = 0
+        self.phase_skipped = 0
 
     # --- helpers -----------------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -146,10 +155,16 @@ class Engine:
             dist.barrier()
 
     def _stage_model(self, stage: int, carry: _Carry | None) -> tuple[nn.Module, EMA]:
-        """Build stage ``stage``'s model (growing structurally from a replayed previous stage),
-        shard it, and load the carried tensors of every module it reuses."""
-        prev = replay(self.spec, self.registry, stage - 1, device="cpu") if stage > 0 else None
+        """Build stage ``stage``'s model (growing structurally from the previous stage replayed
+        on the meta device: ``prev`` holds no trained values), check its transfers, shard it,
+        load the carried tensors of every module it reuses and apply its transfers."""
+        prev = replay(self.spec, self.registry, stage - 1, device="meta") if stage > 0 else None
         model: VermeerModel = build_stage_model(self.spec, self.registry, stage, prev)
+        try:
+            plan = stage_transfers(model, prev, stage)  # before any storage or training
+            materialize(model, "cpu")
+        except ValueError as exc:
+            raise RunError(f"growth policy {self.spec.stages[stage].growth.type!r}: {exc}") from None
         model.to(self.d.device)
         self.plugins.hook.vermeer_stage_start(
             stage=stage, resolution=model.resolution, model=model, run_dir=self.out
@@ -174,13 +189,18 @@ class Engine:
             missing = [k for k in names if reused(k) and k not in keep]
             if missing:
                 raise RunError(f"stage {stage} reuses {missing[:3]} but the previous stage has no such tensors")
-            set_model_state_dict(model, keep, options=StateDictOptions(strict=False))
-            init_ema = {k: v for k, v in carry.ema.items() if reused(k)}
-            ema_age = {k: v for k, v in carry.ema_age.items() if reused(k)}
+            try:
+                moved = _transferred(plan, model, carry, f"stage {stage}: ")
+            except TransferError as exc:
+                raise RunError(f"growth policy {self.spec.stages[stage].growth.type!r}: {exc}") from None
+            set_model_state_dict(model, {**keep, **moved.model}, options=StateDictOptions(strict=False))
+            init_ema = {k: v for k, v in carry.ema.items() if reused(k)} | moved.ema
+            ema_age = {k: v for k, v in carry.ema_age.items() if reused(k)} | moved.ema_age
             # only parameters this model still has: the state of a discarded module (the
             # Shallow-UViT periphery) would otherwise be saved and then fail to load on resume
             params = {n for n, _ in model.named_parameters()}
-            carry.optim = {k: v for k, v in carry.optim.items() if k in params and reused(k)}
+            optim = {k: v for k, v in carry.optim.items() if k in params and reused(k) and k not in plan}
+            carry.optim = optim | moved.optim
         e = self.spec.ema
         ema = EMA(model, e.decay if e else 0.0, init=init_ema, skip=frozenset(model.always_frozen),
                   power=e.warmup_power if e else 0.0, age=ema_age)
@@ -203,6 +223,9 @@ class Engine:
             "world_size": self.d.world_size,
             "optim_names": sorted(optim),
             "ema_age": ema.age,
+            "bad_in_row": self.bad_in_row,
+            "phase_skipped": self.phase_skipped,
+            "skipped_steps": self.skipped_steps,
             "time": time.time(),
         }
         if self.metrics is not None:
@@ -304,6 +327,9 @@ class Engine:
             if rank_state is None:
                 raise RunError(f"{url} has no data position for rank {rank}: the checkpoint is damaged")
             data.load_state_dict(rank_state["data"])
+            self.bad_in_row = int(meta.get("bad_in_row", 0))
+            self.phase_skipped = int(meta.get("phase_skipped", 0))
+            self.skipped_steps = int(meta.get("skipped_steps", 0))
         flops = stage_forward_flops(spec, self.registry, stage)
         peak = peak_flops(self.d.device, self.bf16)
         slots = [s for s in self.slots if s.stage == stage]
@@ -326,11 +352,17 @@ class Engine:
         spec = self.spec
         o = spec.optim
         st = spec.stages[slot.stage]
+        try:
+            groups = phase_groups(model, slot.phase)
+        except PhaseError as exc:
+            raise RunError(f"stage {slot.stage}, phase {slot.phase.name!r}: {exc}") from None
         trainable = apply_phase(model, slot.phase)
-        opt = build_optimizer(model, trainable, optim, lr=o.lr * slot.phase.lr_mult, betas=o.betas, eps=o.eps,
+        opt = build_optimizer(model, groups, optim, lr=o.lr * slot.phase.lr_mult, betas=o.betas, eps=o.eps,
                               weight_decay=o.weight_decay)
         params = [p for n, p in model.named_parameters() if n in trainable]
-        bad_in_row = 0
+        if first == slot.start:
+            self.phase_skipped = 0  # a fresh phase (else resumed inside it: restored from the checkpoint)
+        max_skipped = spec.train.max_skipped_fraction * slot.phase.steps
         stage_end = max(s.end for s in self.slots if s.stage == slot.stage)
         local = st.batch_size // self.d.world_size
         last: dict[str, Any] = {}
@@ -343,7 +375,7 @@ class Engine:
             k = step - slot.start
             lr = o.lr * slot.phase.lr_mult * lr_factor(k, slot.phase.steps, o.warmup_steps, o.decay)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_mult"]
             torch.manual_seed(_mix(spec.seed, step, self.d.rank, 1))
             # Seed by position i*w + r in the global batch: where rank r's i-th example sits when
             # a dataset interleaves ranks (synthetic: rank r takes samples r, r+w, ...), so each
@@ -373,20 +405,29 @@ class Engine:
             loss_v = float(stats[0])
             if not math.isfinite(loss_v) or stats[1] > 0:
                 opt.zero_grad(set_to_none=True)
-                bad_in_row += 1
+                self.bad_in_row += 1
                 self.skipped_steps += 1
-                self._say(f"step {done}: non-finite loss/gradient, step skipped ({bad_in_row} in a row)")
-                if bad_in_row >= spec.train.max_bad_steps:
+                self.phase_skipped += 1
+                self._say(f"step {done}: non-finite loss/gradient, step skipped ({self.bad_in_row} in a row)")
+                fix = "Lower optim.lr, raise optim.warmup_steps or enable optim.grad_clip, then resume"
+                if self.bad_in_row >= spec.train.max_bad_steps:
                     latest = self.ckpt.latest()
                     raise RunError(
-                        f"loss was not finite for {bad_in_row} steps in a row (stage {slot.stage}, phase "
-                        f"{slot.phase.name}, step {done}); stopped. Last good checkpoint: {latest or 'none'}. "
-                        "Lower optim.lr, raise optim.warmup_steps or enable optim.grad_clip, then resume"
+                        f"loss was not finite for {self.bad_in_row} steps in a row (stage {slot.stage}, phase "
+                        f"{slot.phase.name}, step {done}); stopped. Last good checkpoint: {latest or 'none'}. {fix}"
+                    )
+                if self.phase_skipped > max_skipped:
+                    latest = self.ckpt.latest()
+                    raise RunError(
+                        f"phase {slot.phase.name} of stage {slot.stage} skipped {self.phase_skipped} of its "
+                        f"{slot.phase.steps} steps as non-finite (step {done}), more than "
+                        f"train.max_skipped_fraction={spec.train.max_skipped_fraction:g} of them; stopped. "
+                        f"Last good checkpoint: {latest or 'none'}. {fix}"
                     )
                 if self.metrics:
                     self.metrics.advance()
                 continue
-            bad_in_row = 0
+            self.bad_in_row = 0
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema.update(model, trainable)
@@ -400,7 +441,8 @@ class Engine:
                 achieved = 3 * flops * ips  # forward + backward ~ 3x forward FLOPs
                 last = {
                     "step": done, "stage": slot.stage, "phase": slot.phase.name, "resolution": st.resolution,
-                    "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "images_per_s": ips,
+                    "loss": loss_v, "lr": lr, **{f"lr/{g.name}": lr * g.lr_mult for g in groups},
+                    "grad_norm": grad_norm, "images_per_s": ips,
                     "tflops": achieved / 1e12, "mfu": (achieved / self.d.world_size / peak) if peak else None,
                     "mem_bytes": memory_bytes(self.d.device), "skipped_steps": self.skipped_steps,
                     **self._state_bytes(model, opt, optim), "time": time.time(),
@@ -472,6 +514,67 @@ def _trim_metrics(url: str, start: int) -> None:
             pass  # torn or foreign line
     if len(keep) != len(lines):
         atomic_write_text(url, "".join(line + "\n" for line in keep))
+
+
+@dataclass
+class _Moved:
+    """Transferred tensors, placed like the new model's (see :func:`_transferred`)."""
+
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    ema_age: dict[str, int]
+    optim: OptimState
+
+
+def _transferred(plan: dict[str, Transfer], model: nn.Module, carry: _Carry, where: str) -> _Moved:
+    """Apply a growth policy's transfers (``plan``, resolved and checked) to the carried
+    tensors of the previous stage: for each target the weight, the EMA shadow (with its age)
+    and the AdamW state, sharded like the target. Copies keep every state; a ``fn`` gets the
+    full tensors and its moments start fresh unless the transfer says ``moments``."""
+    ref = get_model_state_dict(model)
+    params = {n for n, _ in model.named_parameters()}
+    frozen = getattr(model, "always_frozen", frozenset())
+    out = _Moved({}, {}, {}, {})
+
+    def apply(t: Transfer, key: str, values: list[torch.Tensor]) -> torch.Tensor:
+        if t.fn is None:
+            return _place(values[0], ref[key])
+        value = t.fn(*(_full(v) for v in values))
+        check_result(key, t, value, ref[key].shape, where)
+        return _place(value, ref[key])
+
+    with torch.no_grad():
+        for key, t in plan.items():
+            out.model[key] = apply(t, key, [carry.model[s] for s in t.sources])
+            if key not in params:
+                continue  # a buffer: no EMA, no optimizer state
+            if key not in frozen:
+                out.ema[key] = apply(t, key, [carry.ema.get(s, carry.model[s]) for s in t.sources])
+                out.ema_age[key] = min(carry.ema_age.get(s, 0) for s in t.sources)
+            states = [carry.optim.get(s) for s in t.sources]
+            if all(st is not None for st in states) and (t.fn is None or t.moments):
+                out.optim[key] = {
+                    "step": max((st["step"] for st in states), key=float).clone(),  # type: ignore[index]
+                    "exp_avg": apply(t, key, [st["exp_avg"] for st in states]),  # type: ignore[index]
+                    "exp_avg_sq": apply(t, key, [st["exp_avg_sq"] for st in states]),  # type: ignore[index]
+                }
+    return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _place(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A new tensor holding ``value``, sharded (and typed) like ``ref``. Same mesh and
+    placements (a copy between equal shapes): a local clone, no communication; otherwise the
+    full value, which every rank holds alike, is split locally (``src_data_rank=None``)."""
+    if isinstance(ref, DTensor):
+        if isinstance(value, DTensor) and value.device_mesh == ref.device_mesh and value.placements == ref.placements:
+            return value.to(ref.dtype).clone()
+        full = _full(value).to(device=ref.to_local().device, dtype=ref.dtype)
+        return distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None)
+    return _full(value).to(device=ref.device, dtype=ref.dtype).clone()
 
 
 def _fault_nan(step: int) -> bool:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from vermeer_core.interfaces import BlockFamily, GrowthPolicy, Phase, TextEmbedding, Trainable
 from vermeer_core.phases import CORE_MODULES, ParamGroup, resolve_phase
 from vermeer_core.registry import Registry
-from vermeer_core.transfer import TransferMap
+from vermeer_core.transfer import Transfer, TransferError, TransferMap, resolve_transfers
 
 if TYPE_CHECKING:
     from vermeer_core.spec import RunSpec
@@ -45,6 +45,7 @@ __all__ = [
     "select_trainable",
     "stage_phases",
     "stage_seed",
+    "stage_transfers",
 ]
 
 # Log-SNR of a clipped schedule spans roughly [-20, 20]; frequencies from 1/64 (a near-linear
@@ -429,6 +430,21 @@ def build_stage_model(
             f"for stage {stage} at {ctx.resolution}"
         )
     return model
+
+
+def stage_transfers(model: VermeerModel, prev: VermeerModel | None, stage: int) -> dict[str, Transfer]:
+    """``model.transfers`` resolved to one checked :class:`Transfer` per target tensor (names
+    and shapes against ``prev``, which may be a meta-device model). Raises
+    :class:`TransferError` naming both tensors."""
+    if not model.transfers:
+        return {}
+    if prev is None:
+        raise TransferError(f"stage {stage}: transfers {sorted(model.transfers)} need a previous stage")
+
+    def shapes(m: VermeerModel) -> dict[str, torch.Size]:
+        return {n: t.shape for n, t in m.state_dict(keep_vars=True).items()}
+
+    return resolve_transfers(model.transfers, shapes(model), shapes(prev), where=f"stage {stage}: ")
 
 
 def stage_phases(spec: RunSpec, registry: Registry, stage: int) -> list[Phase]:

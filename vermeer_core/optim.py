@@ -4,10 +4,13 @@ and the per-phase learning-rate schedule (linear warmup, then constant or cosine
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from vermeer_core.phases import ParamGroup
 
 __all__ = ["lr_factor", "build_optimizer", "park_state", "OptimState"]
 
@@ -29,21 +32,30 @@ def lr_factor(step_in_phase: int, phase_steps: int, warmup: int, decay: str) -> 
 
 
 def build_optimizer(
-    model: nn.Module, trainable: set[str], state: OptimState, *, lr: float, betas: tuple[float, float],
-    eps: float, weight_decay: float, fused: bool = False,
+    model: nn.Module, trainable: set[str] | frozenset[str] | Sequence[ParamGroup], state: OptimState, *, lr: float,
+    betas: tuple[float, float], eps: float, weight_decay: float, fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over exactly the ``trainable`` parameters (frozen ones get no state). Parameters
-    with an entry in ``state`` resume from it. Biases and norm gains get no weight decay."""
-    decay, no_decay = [], []
+    """AdamW over exactly the ``trainable`` parameters (frozen ones get no state): a set of
+    names (one group at ``lr``) or the phase's :class:`ParamGroup` list (each at ``lr`` x its
+    ``lr_mult``; torch param groups carry ``lr_mult`` and the ``group`` name, so the caller
+    schedules ``g["lr"] = lr * g["lr_mult"]``). Parameters with an entry in ``state`` resume
+    from it. Biases and norm gains get no weight decay."""
+    if isinstance(trainable, (set, frozenset)):
+        trainable = [ParamGroup("all", 1.0, frozenset(trainable))]
     names: dict[nn.Parameter, str] = {}
-    for name, p in model.named_parameters():
-        if name in trainable:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-            names[p] = name
-    groups = [g for g in (
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ) if g["params"]]
+    groups: list[dict[str, Any]] = []
+    named = list(model.named_parameters())
+    for group in trainable:
+        decay, no_decay = [], []
+        for name, p in named:
+            if name in group.names:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+                names[p] = name
+        extra = {"lr": lr * group.lr_mult, "lr_mult": group.lr_mult, "group": group.name}
+        groups += [g for g in (
+            {"params": decay, "weight_decay": weight_decay, **extra},
+            {"params": no_decay, "weight_decay": 0.0, **extra},
+        ) if g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     opt._vermeer_names = names  # type: ignore[attr-defined]
     for p, name in names.items():

@@ -116,29 +116,22 @@ class ParamGroup:
 def resolve_phase(model: VermeerModel, phase: Phase) -> list[ParamGroup]:
     """The param groups of ``phase`` on ``model`` (works on a meta-device model). Parameters a
     component built frozen (``model.always_frozen``) never train. Raises :class:`PhaseError`
-    if an entry matches no parameter (or only ones earlier entries took) or nothing trains."""
+    if an entry would train nothing: it matches no parameter, or only ones an earlier entry
+    took or a component froze (so a phase always trains something)."""
     names = [n for n, _ in model.named_parameters()]
     taken: set[str] = set()
     groups: list[ParamGroup] = []
-    items = entries(phase.trainable)
-    for m in items:
+    for m in entries(phase.trainable):
         hit = [n for n in names if _matches(model, m.match, n)]
         mine = frozenset(n for n in hit if n not in taken and n not in model.always_frozen)
         taken |= set(hit)
-        if mine:
-            groups.append(ParamGroup(m.group, m.lr_mult, mine))
-        elif len(items) > 1:
+        if not mine:
             why = "matches no parameter" if not hit else "matches only parameters an earlier entry took or a component froze"
             raise PhaseError(
-                f"{m.match!r} {why} of the {model.resolution}x{model.resolution} model (its modules: "
-                f"{', '.join(_top_modules(names))})"
+                f"{m.match!r} {why} of the {model.resolution}x{model.resolution} model, so it would train "
+                f"nothing (the model's modules: {', '.join(_top_modules(names))})"
             )
-    if not groups:
-        raise PhaseError(
-            f"phase {phase.name!r} (trainable: {describe_trainable(phase.trainable)}) trains no "
-            f"parameter of the {model.resolution}x{model.resolution} model (its modules: "
-            f"{', '.join(_top_modules(names))}); choose another 'trainable'"
-        )
+        groups.append(ParamGroup(m.group, m.lr_mult, mine))
     return groups
 
 

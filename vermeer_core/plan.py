@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vermeer_core.distributed import sharded_units
 from vermeer_core.model import VermeerModel, build_stage_model, select_trainable
+from vermeer_core.phases import describe_trainable
 from vermeer_core.registry import Registry
 from vermeer_core.schedule_table import step_table
 
@@ -102,7 +103,7 @@ def plan_rows(spec: Any, registry: Registry, world_size: int = 1) -> list[dict[s
                 "topology": model.topology().get("kind"),
                 "phase": slot.phase.name,
                 "steps": slot.phase.steps,
-                "trainable_set": slot.phase.trainable,
+                "trainable_set": describe_trainable(slot.phase.trainable),
                 "params_total": total,
                 "params_trainable": trainable,
                 "gflop_per_image_fwd": flops / 1e9,

@@ -117,7 +117,13 @@ class TrainSpec(_Strict):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, ge=2)
-    max_bad_steps: int = Field(5, gt=0, description="non-finite losses in a row that stop the run")
+    max_bad_steps: int = Field(
+        5, gt=0, description="non-finite steps in a row that stop the run (counted across phases and stages)"
+    )
+    max_skipped_fraction: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="a phase that skips more than this share of its steps as non-finite stops the run",
+    )
     activation_checkpointing: bool = False
     compile: bool = False
     replicate: int = Field(1, ge=1, description="HSDP replica groups (1 = plain FSDP)")
