@@ -67,11 +67,14 @@ def cli_env(fault: str | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], *, fault: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """``python -m vermeer_core ARGS`` in a subprocess (a real process that can be SIGKILLed)."""
+def run_cli(
+    args: list[str], *, fault: str | None = None, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m vermeer_core ARGS`` in a subprocess (a real process that can be SIGKILLed);
+    ``env`` adds variables (e.g. PYTHONPATH for a test plugin)."""
     return subprocess.run(
         [sys.executable, "-m", "vermeer_core", *args],
-        capture_output=True, text=True, env=cli_env(fault), cwd=ROOT, timeout=timeout,
+        capture_output=True, text=True, env={**cli_env(fault), **(env or {})}, cwd=ROOT, timeout=timeout,
     )
 
 

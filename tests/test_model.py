@@ -103,7 +103,7 @@ def test_trainable_choices_and_errors(reg, spec) -> None:
     with pytest.raises(ValueError, match="unknown alias .some.; aliases: all, new, all-but-core"):
         select_trainable(model, "some")  # type: ignore[arg-type]
     model.new_modules = frozenset()
-    with pytest.raises(ValueError, match="'new' matches no parameter of the 32x32 model, so it would train nothing"):
+    with pytest.raises(ValueError, match="'new' matches no parameter of the 64x64 model, so it would train nothing"):
         apply_phase(model, Phase("A", 1, trainable="new"))
 
 

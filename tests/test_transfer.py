@@ -6,6 +6,7 @@ a wrong transfer fails before training (and in ``vermeer validate``) naming both
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,102 +14,21 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from engine_spec import BASE, STAGE0_END, TOTAL_STEPS, consolidate, read_metrics
-from pydantic import Field
+from engine_spec import ROOT, STAGE0_END, TOTAL_STEPS, consolidate, read_metrics, run_cli
 from torch.distributed.tensor import DTensor
+from warm_policy import WarmConfig, WarmPlugin, WarmStart, warm_data
 
 from vermeer_core import cli
-from vermeer_core.api import (
-    ComponentConfig,
-    GrowthContext,
-    Phase,
-    PhaseConfig,
-    Registry,
-    Transfer,
-    TransferError,
-    VermeerModel,
-    hookimpl,
-)
+from vermeer_core.api import GrowthContext, Registry, Transfer, TransferError, VermeerModel, hookimpl
 from vermeer_core.distributed import init_distributed, shutdown
 from vermeer_core.engine import Engine, RunError
 from vermeer_core.model import build_stage_model, replay, stage_transfers
 from vermeer_core.plugins import Plugins, load
 from vermeer_core.spec import RunSpec, parse_spec
 
-#: string transfers of the test policy (the spec can replace them): everything of the fresh
-#: stage-1 U-Net's core group from the trained one, the second core block from the FIRST
-#: trained block (depth stacking: more specific than "core"), and a decoder block from the
-#: discarded Shallow-UViT periphery.
-COPIES = {
-    "text": "text",
-    "cond": "cond",
-    "core": "core",
-    "core.blocks.1": "core.blocks.0",
-    "decoders.r8.blocks.0": "shallow_out",
-}
-
-
-def _half_head_bias(b: torch.Tensor) -> torch.Tensor:
-    return b[:3] * 0.5  # the patchify head's 12 outputs -> the conv head's 3
-
-
-def _flip(w: torch.Tensor) -> torch.Tensor:
-    return w.flip(0)  # a permutation of output channels: moments may follow it
-
-
-FNS = {
-    "head.proj.bias": Transfer(_half_head_bias, ("head.proj.bias",)),
-    "encoders.r8.blocks.0.conv1.weight": Transfer(_flip, ("shallow_in.conv1.weight",), moments=True),
-}
-
-
-class WarmConfig(ComponentConfig):
-    phases: list[PhaseConfig]
-    copies: dict[str, str] = Field(default_factory=lambda: dict(COPIES))
-    fns: bool = True
-
-
-class WarmStart:
-    """Stage 0: a Shallow-UViT. Later: a FRESH U-Net (every module new) warm-started by transfers."""
-
-    def __init__(self, config: WarmConfig) -> None:
-        self.config = config
-
-    def grow(self, prev: VermeerModel | None, ctx: GrowthContext) -> VermeerModel:
-        if ctx.stage == 0:
-            return ctx.builder.shallow_uvit(ctx.resolution)
-        model = ctx.builder.unet(ctx.resolution)
-        model.transfers.update(self.config.copies)
-        if self.config.fns:
-            model.transfers.update(FNS)
-        return model
-
-    def phases(self, ctx: GrowthContext) -> list[Phase]:
-        return [p.phase() for p in self.config.phases]
-
-
-class WarmPlugin:
-    @hookimpl
-    def vermeer_register(self, registry: Registry) -> None:
-        registry.add("growth_policy", "test-warm", WarmStart, WarmConfig)
-
-
 @pytest.fixture(scope="module")
 def plugins() -> Plugins:
     return load(extra=[WarmPlugin()])
-
-
-def warm_data(**train: Any) -> dict[str, Any]:
-    data = copy.deepcopy(BASE)
-    data["model"]["core"]["depth"] = 2
-    data["train"].update(train)
-    data["stages"][0]["growth"] = {"type": "test-warm", "phases": [{"name": "core", "steps": 6}]}
-    data["stages"][1]["growth"] = {"type": "test-warm", "phases": [
-        {"name": "A", "steps": 2, "trainable": [{"match": "core.blocks.1", "lr_mult": 0.1, "name": "stacked"},
-                                                 "all-but-core"]},
-        {"name": "B", "steps": 4, "trainable": "all", "lr_mult": 0.5},
-    ]}
-    return data
 
 
 class Probe(Engine):
@@ -309,3 +229,32 @@ def test_prev_at_run_time_is_structure_only_and_copying_it_is_refused(tmp_path: 
     with pytest.raises(RunError, match="new tensor core.blocks.1.attn.qkv.weight is on the meta device: it "
                                        "was copied from the previous stage's model"):
         run(spec, plugins, tmp_path / "run")
+
+
+# --- world size 2: transfers on sharded tensors ------------------------------------------------
+@pytest.mark.slow  # ~40 s: two torchrun workers
+def test_transfers_at_world_size_2_match_world_size_1(warm_run: tuple[Path, Probe], tmp_path: Path) -> None:
+    """torchrun, 2 ranks (gloo, FSDP2 on CPU): the transfers run on DTensor shards (copies as
+    local clones, functions on the full tensors re-split), and the run equals world size 1
+    within the float tolerance of tests/test_distributed.py."""
+    ref, _ = warm_run
+    site = tmp_path / "site"
+    info = site / "vermeer_test_warm-0.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vermeer-test-warm\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[vermeer]\ntest-warm = warm_policy:PLUGIN\n")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(warm_data(checkpoint_every=6)))
+    out = tmp_path / "run"
+    paths = os.pathsep.join([str(site), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    r = run_cli(["run", str(spec), "--out", str(out), "--nproc-per-node", "2"], env={"PYTHONPATH": paths})
+    assert r.returncode == 0, r.stderr
+    a, b = read_metrics(ref), read_metrics(out)
+    assert [x["step"] for x in a] == [x["step"] for x in b]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
+        assert y.get("lr/stacked") == x.get("lr/stacked")
+    name = f"checkpoints/step-{TOTAL_STEPS:08d}"
+    final_ref, final_ws2 = consolidate(ref / name, tmp_path), consolidate(out / name, tmp_path)
+    for k, v in final_ref["model"].items():
+        torch.testing.assert_close(final_ws2["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)

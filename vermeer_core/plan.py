@@ -20,6 +20,7 @@ from vermeer_core.model import VermeerModel, build_stage_model, select_trainable
 from vermeer_core.phases import describe_trainable
 from vermeer_core.registry import Registry
 from vermeer_core.schedule_table import step_table
+from vermeer_core.spec import RunSpec
 
 __all__ = ["plan_rows", "print_plan", "measure_forward", "stage_forward_flops"]
 
@@ -71,7 +72,7 @@ def measure_forward(model: VermeerModel, resolution: int) -> tuple[int, int, int
     return int(counter.get_total_flops()), totals["all"], checkpointed
 
 
-def stage_forward_flops(spec: Any, registry: Registry, stage: int) -> int:
+def stage_forward_flops(spec: RunSpec, registry: Registry, stage: int) -> int:
     """Forward FLOPs per image of ``stage``'s model (built on the meta device)."""
     model: VermeerModel | None = None
     with torch.device("meta"):
@@ -81,7 +82,7 @@ def stage_forward_flops(spec: Any, registry: Registry, stage: int) -> int:
     return measure_forward(model, spec.stages[stage].resolution)[0]
 
 
-def plan_rows(spec: Any, registry: Registry, world_size: int = 1) -> list[dict[str, Any]]:
+def plan_rows(spec: RunSpec, registry: Registry, world_size: int = 1) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     slots = step_table(spec, registry)
     model: VermeerModel | None = None
@@ -135,7 +136,7 @@ def _b(n: float) -> str:
     return f"{n:.3g} PiB"
 
 
-def print_plan(spec: Any, rows: list[dict[str, Any]], world_size: int = 1) -> None:
+def print_plan(spec: RunSpec, rows: list[dict[str, Any]], world_size: int = 1) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -4,11 +4,11 @@ the spec, so a global step alone says where a run is."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from vermeer_core.interfaces import Phase
 from vermeer_core.model import stage_phases
 from vermeer_core.registry import Registry
+from vermeer_core.spec import RunSpec
 
 __all__ = ["Slot", "step_table", "locate"]
 
@@ -22,7 +22,7 @@ class Slot:
     end: int
 
 
-def step_table(spec: Any, registry: Registry) -> list[Slot]:
+def step_table(spec: RunSpec, registry: Registry) -> list[Slot]:
     slots: list[Slot] = []
     step = 0
     for k in range(len(spec.stages)):

@@ -41,8 +41,8 @@ class Transfer:
     moments: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.sources, str):
-            object.__setattr__(self, "sources", (self.sources,))
+        sources = (self.sources,) if isinstance(self.sources, str) else tuple(self.sources)
+        object.__setattr__(self, "sources", sources)  # a name or any sequence of names
         if not self.sources:
             raise ValueError("a Transfer needs at least one source tensor")
         if self.fn is None and len(self.sources) != 1:
