@@ -109,3 +109,13 @@ def test_example_project_test_suite_passes(site: Path, tmp_path: Path) -> None:
                        text=True, env=_env(site), cwd=src, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "7 passed" in r.stdout
+
+
+def test_example_imports_only_the_public_api() -> None:
+    """A third party's view: the plugin package uses ``vermeer_core.api`` and nothing else."""
+    import ast
+
+    tree = ast.parse((EXAMPLE / "vermeer_fadein" / "__init__.py").read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in modules if m.startswith("vermeer")} == {"vermeer_core.api"}
