@@ -32,6 +32,7 @@ from vermeer_core.distributed import init_distributed, shutdown
 from vermeer_core.engine import Engine
 from vermeer_core.hookspecs import hookimpl
 from vermeer_core.inference import load_checkpoint
+from vermeer_core.interfaces import Phase
 from vermeer_core.model import VermeerModel
 from vermeer_core.plugins import get_registry, load
 from vermeer_core.spec import parse_spec
@@ -103,6 +104,25 @@ class Recorder:
                                            "run_dir": run_dir, "sharded": sharded}))
 
     @hookimpl
+    def vermeer_phase_start(self, stage: int, phase: Phase, step: int, phase_step: int, model: Any,
+                            optimizer: torch.optim.Optimizer) -> None:
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.calls.append(("phase_start", {
+            "stage": stage, "phase": phase, "step": step, "phase_step": phase_step,
+            "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+            "optimizer_is_trainable": in_optimizer == trainable,
+            "core_trains": any(p.requires_grad for n, p in model.named_parameters() if n.startswith("core.")),
+        }))
+
+    @hookimpl
+    def vermeer_step_end(self, stage: int, phase: Phase, step: int, phase_step: int, model: Any,
+                         metrics: dict[str, Any] | None) -> None:
+        self.calls.append(("step_end", {"stage": stage, "phase": phase.name, "step": step, "phase_step": phase_step,
+                                        "metrics": None if metrics is None else dict(metrics),
+                                        "training": model.training}))
+
+    @hookimpl
     def vermeer_phase_end(self, stage: int, phase: str, step: int, metrics: dict[str, float]) -> None:
         self.calls.append(("phase_end", {"stage": stage, "phase": phase, "step": step, "metrics": dict(metrics)}))
 
@@ -140,12 +160,51 @@ def test_lifecycle_hooks_called_with_documented_arguments(tmp_path: Path) -> Non
     names = [(n, c.get("step", c.get("stage"))) for n, c in rec.calls]
     assert names.index(("stage_start", 1)) > names.index(("checkpoint_saved", STAGE0_END))
     # log_every=5: every 5th step and every phase's last
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [5, 6, 8, 10, 12]
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [5, 6, 8, 10, 12]
+    # phase start: after the phase's trainable set and optimizer exist, on the sharded model
+    pstarts = [c for n, c in rec.calls if n == "phase_start"]
+    assert [(c["stage"], c["phase"].name, c["phase"].steps, c["step"], c["phase_step"]) for c in pstarts] == [
+        (0, "core", 6, 0, 0), (1, "A", 2, 6, 0), (1, "B", 4, 8, 0)]
+    assert all(c["sharded"] and c["optimizer_is_trainable"] for c in pstarts)
+    assert [c["core_trains"] for c in pstarts] == [True, False, True]  # phase A freezes the core
+    # step end: every step, in order, with metrics only on log steps (the record just written)
+    ends_ = [c for n, c in rec.calls if n == "step_end"]
+    assert [c["step"] for c in ends_] == list(range(1, 13))
+    assert [(c["stage"], c["phase"]) for c in ends_] == [PHASE_OF_STEP[s] for s in range(1, 13)]
+    assert [c["phase_step"] for c in ends_] == [1, 2, 3, 4, 5, 6, 1, 2, 1, 2, 3, 4]
+    assert all(c["training"] for c in ends_)
+    logged = {c["step"]: c["metrics"] for c in ends_ if c["metrics"] is not None}
+    assert sorted(logged) == [5, 6, 8, 10, 12]
+    for r in records:
+        assert json.loads(json.dumps(logged[r["step"]])) == r
+    # each phase: start, its steps, end; a step's hook runs before that step's checkpoint
+    order = [(n, c.get("step")) for n, c in rec.calls]
+    assert order.index(("phase_start", 6)) < order.index(("step_end", 7)) < order.index(("phase_end", 8))
+    assert order.index(("step_end", 4)) < order.index(("checkpoint_saved", 4)) < order.index(("step_end", 5))
     # keep_checkpoints=3: the oldest save was pruned; `latest` names the newest
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000006", "step-00000008", "step-00000012"]
     assert committed_steps(tmp_path / "run") == [6, 8, 12]
     assert (ckpts / "latest").read_text().strip() == "step-00000012"
+
+
+def test_phase_start_on_resume_mid_phase(reference: Path, tmp_path: Path) -> None:
+    """Resuming inside a phase calls ``vermeer_phase_start`` with the steps already done, then
+    ``vermeer_step_end`` for the remaining steps only."""
+    run, spec_path = _copy(reference, tmp_path)
+    data = yaml.safe_load(spec_path.read_text())
+    data["stages"][1]["growth"]["phases"][1]["steps"] = 6  # phase B: 4 steps done, 2 more
+    rec = Recorder()
+    plugins = load(extra=[rec])
+    d = init_distributed(device="cpu")
+    try:
+        Engine(parse_spec(data, plugins.registry), plugins, str(run), d).run()
+    finally:
+        shutdown()
+    calls = [(n, c) for n, c in rec.calls if n in ("phase_start", "step_end")]
+    assert [(n, c["phase"] if n == "step_end" else c["phase"].name, c["step"], c["phase_step"]) for n, c in calls] == [
+        ("phase_start", "B", 12, 4), ("step_end", "B", 13, 5), ("step_end", "B", 14, 6)]
 
 
 # --- non-finite losses ----------------------------------------------------------------------------

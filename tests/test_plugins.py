@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from pydantic import Field
 
 from vermeer_core.hookspecs import hookimpl
-from vermeer_core.plugins import PluginError, get_plugins, load
+from vermeer_core.plugins import BUILTIN_PLUGINS, PluginError, get_plugins, load
 from vermeer_core.registry import KINDS, ComponentConfig, Registry
+from vermeer_core.spec import SpecError, parse_spec
 
-BUILTIN_ENTRY_POINTS = {"attention", "shallow-uvit", "resblock", "schedules", "samplers", "growth", "text", "synthetic"}
+BUILTINS = {name for name, _ in BUILTIN_PLUGINS}
 
 GOOD_PLUGIN = """
 from vermeer_core.hookspecs import hookimpl
@@ -26,14 +30,61 @@ def vermeer_register(registry):
 """
 
 
-def test_builtins_register_through_entry_points():
+def test_builtins_register_from_the_explicit_tuple():
     plugins = load()
-    assert BUILTIN_ENTRY_POINTS <= set(plugins.origins)
-    for name in BUILTIN_ENTRY_POINTS:
+    assert BUILTINS <= set(plugins.origins)
+    for name, module in BUILTIN_PLUGINS:
         assert plugins.origins[name][0] == "vermeer"
+        assert plugins.manager.get_plugin(name).__name__ == module
     kinds = {c.kind for c in plugins.registry}
     assert kinds == set(KINDS)  # every kind has a built-in
     assert not plugins.failures
+
+
+def test_entry_point_naming_a_builtin_module_is_skipped(fake_distribution):
+    """An (older) install of vermeer itself listed the built-ins as entry points: they are
+    already registered from the tuple, so they are neither loaded twice nor reported."""
+    fake_distribution("vermeer-old", {"growth": "vermeer_plugins.growth", "other-name": "vermeer_plugins.samplers"}, {})
+    plugins = load()
+    assert not plugins.failures
+    assert plugins.registry.names("growth_policy") == ["from-scratch", "greedy"]
+    assert plugins.manager.get_plugin("other-name") is None
+
+
+def test_third_party_with_a_builtin_name_does_not_hide_it(fake_distribution):
+    fake_distribution("vermeer-shadow", {"growth": "fakeplug_shadow"}, {"fakeplug_shadow": GOOD_PLUGIN})
+    with pytest.warns(RuntimeWarning, match="'growth'.*vermeer-shadow 1.2.3.*built-in plugin 'growth'"):
+        plugins = load()
+    [failure] = plugins.failures
+    text = str(failure)
+    # names both: the third party's entry point (and target) and the built-in it collides with
+    assert "'growth' (distribution vermeer-shadow 1.2.3)" in text and "fakeplug_shadow" in text
+    assert "vermeer_plugins.growth" in text and "another name" in text
+    assert "greedy" in plugins.registry.names("growth_policy")  # the built-in still works
+    assert "my-growth" not in plugins.registry.names("growth_policy")
+
+
+def test_unknown_type_error_names_plugins_that_failed(fake_distribution):
+    """The component a spec asks for may be in a plugin that did not load: say so."""
+    fake_distribution("vermeer-broken", {"broken": "fakeplug_broken2"}, {"fakeplug_broken2": "import does_not_exist_xyz\n"})
+    with pytest.warns(RuntimeWarning):
+        plugins = load()
+    data = yaml.safe_load((Path(__file__).parents[1] / "specs" / "quickstart.yaml").read_text())
+    data["stages"][1]["growth"] = {"type": "my-growth"}
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, plugins.registry, "t.yaml")
+    [(path, msg)] = info.value.problems
+    assert path == "stages.1.growth"
+    assert msg.startswith("unknown type 'my-growth'; registered: 'from-scratch', 'greedy'")
+    assert "plugins that failed to load" in msg and "'broken' (distribution vermeer-broken 1.2.3)" in msg
+    assert "does_not_exist_xyz" in msg
+    with pytest.raises(KeyError, match="failed to load.*'broken'"):
+        plugins.registry.get("growth_policy", "my-growth")
+    # with every plugin loading, the message carries no such note
+    data["stages"][1]["growth"] = {"type": "nope"}
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, load(autoload=False).registry, "t.yaml")
+    assert "failed to load" not in str(info.value)
 
 
 def test_third_party_plugin_from_distribution(fake_distribution):
@@ -72,8 +123,12 @@ def test_disabled_plugins_env(monkeypatch, fake_distribution):
     assert "greedy" in plugins.registry.names("growth_policy")
 
 
-def test_autoload_switch(monkeypatch):
-    monkeypatch.setenv("VERMEER_DISABLE_PLUGIN_AUTOLOAD", "1")
+@pytest.mark.parametrize("value", ["1", "true", "yes"])
+def test_autoload_switch_removes_third_parties_only(monkeypatch, fake_distribution, value):
+    fake_distribution(f"vermeer-mygrowth{value}", {"mygrowth": f"fakeplug_auto{value}"},
+                      {f"fakeplug_auto{value}": GOOD_PLUGIN})
+    assert "my-growth" in load().registry.names("growth_policy")  # found while autoload is on
+    monkeypatch.setenv("VERMEER_DISABLE_PLUGIN_AUTOLOAD", value)
 
     class Local:
         @hookimpl
@@ -81,7 +136,22 @@ def test_autoload_switch(monkeypatch):
             registry.add("sampler", "local", lambda cfg: cfg)
 
     plugins = load(extra=[Local()])
-    assert [(c.kind, c.name) for c in plugins.registry] == [("sampler", "local")]
+    assert "my-growth" not in plugins.registry.names("growth_policy")  # the third party is off
+    assert "mygrowth" not in plugins.origins
+    assert {c.kind for c in plugins.registry} == set(KINDS)  # every built-in is still there
+    assert "local" in plugins.registry.names("sampler")
+    # no built-ins either: only what is passed explicitly
+    only = load(extra=[Local()], builtins=False)
+    assert [(c.kind, c.name) for c in only.registry] == [("sampler", "local")]
+
+
+def test_extra_builtin_module_is_not_registered_twice():
+    from vermeer_plugins import samplers
+
+    plugins = load(extra=[samplers], autoload=False)
+    assert plugins.registry.names("sampler") == ["ddim", "ddpm", "dpmpp-2m"]
+    alone = load(extra=[samplers], autoload=False, builtins=False)
+    assert {c.kind for c in alone.registry} == {"sampler"}
 
 
 def test_unknown_hook_fails_loudly():

@@ -186,11 +186,11 @@ def test_dpmpp_first_step_is_ddim(registry) -> None:
     )
 
 
-def test_entry_point_wiring() -> None:
-    import importlib.metadata as md
+def test_builtin_wiring() -> None:
+    from vermeer_core.plugins import BUILTIN_PLUGINS, get_plugins
 
-    eps = {e.name: e.value for e in md.entry_points(group="vermeer")}
-    assert eps.get("samplers") == "vermeer_plugins.samplers"
+    assert dict(BUILTIN_PLUGINS).get("samplers") == "vermeer_plugins.samplers"
+    assert get_plugins().manager.get_plugin("samplers").__name__ == "vermeer_plugins.samplers"
 
 
 def test_math_sanity() -> None:

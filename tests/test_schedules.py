@@ -31,11 +31,11 @@ def test_registered(registry) -> None:
         assert isinstance(build(registry, name), NoiseSchedule)
 
 
-def test_entry_point_wiring() -> None:
-    import importlib.metadata as md
+def test_builtin_wiring() -> None:
+    from vermeer_core.plugins import BUILTIN_PLUGINS, get_plugins
 
-    eps = {e.name: e.value for e in md.entry_points(group="vermeer")}
-    assert eps.get("schedules") == "vermeer_plugins.schedules"
+    assert dict(BUILTIN_PLUGINS).get("schedules") == "vermeer_plugins.schedules"
+    assert get_plugins().manager.get_plugin("schedules").__name__ == "vermeer_plugins.schedules"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -94,6 +94,34 @@ def test_unknown_field_rejected():
     assert path == "model.core.widht" and "Extra inputs are not permitted" in msg
 
 
+@pytest.mark.parametrize(
+    ("where", "typo", "suggested"),
+    [
+        (("model", "core"), "widht", "width"),  # inside a registered component (a union member)
+        (("optim",), "weight_decy", "weight_decay"),
+        (("ema",), "decayy", "decay"),  # an optional section
+        (("stages", 1, "growth"), "phasez", "phases"),  # a list item's component
+        (("train",), "log_evry", "log_every"),
+    ],
+)
+def test_typo_suggests_the_close_field(where, typo, suggested):
+    data = quickstart()
+    node = data
+    for key in where:
+        node = node[key]
+    node[typo] = 1
+    [(path, msg)] = problems(data)
+    assert path == ".".join(map(str, (*where, typo)))
+    assert msg.endswith(f"did you mean {suggested!r}?"), msg
+
+
+def test_far_off_key_gets_no_suggestion():
+    data = quickstart()
+    data["optim"]["zzzzzz"] = 1
+    [(path, msg)] = problems(data)
+    assert path == "optim.zzzzzz" and "did you mean" not in msg
+
+
 def test_overrides():
     data = apply_overrides(quickstart(), ["stages.0.batch_size=4", "model.core.depth=2", "sampling.prompts=[a, b]",
                                           "name=other"])

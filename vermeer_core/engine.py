@@ -368,6 +368,8 @@ class Engine:
         last: dict[str, Any] = {}
         t_log, imgs = time.perf_counter(), 0
         model.train()
+        self.plugins.hook.vermeer_phase_start(stage=slot.stage, phase=slot.phase, step=first,
+                                              phase_step=first - slot.start, model=model, optimizer=opt)
         for step in range(first, slot.end):
             batch = next(it)
             k = step - slot.start
@@ -450,6 +452,8 @@ class Engine:
                     last.update({f"data_{k}": v for k, v in stats().items()})
                 self.metrics.log(last)
                 t_log, imgs = time.perf_counter(), 0
+            self.plugins.hook.vermeer_step_end(stage=slot.stage, phase=slot.phase, step=done, phase_step=k + 1,
+                                               model=model, metrics=last if last.get("step") == done else None)
             # Stage ends are checkpointed by _run_stage, after the stage's samples exist.
             if done % spec.train.checkpoint_every == 0 and done != stage_end:
                 park_state(opt, optim)

@@ -6,7 +6,8 @@ Third-party plugins are found through the ``vermeer`` entry-point group::
     [project.entry-points.vermeer]
     my-growth = "my_package.growth"
 
-The built-in components in ``vermeer_plugins`` register the same way. What each registered
+The built-in components in ``vermeer_plugins`` implement the same hooks (they are registered
+from an explicit list, before any entry point). What each registered
 component must provide (its factory's signature and the object it returns) is written down
 in :mod:`vermeer_core.interfaces`.
 """
@@ -18,6 +19,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from vermeer_core.interfaces import Phase
     from vermeer_core.registry import Registry
 
 PROJECT = "vermeer"
@@ -30,6 +35,8 @@ __all__ = [
     "hookspec",
     "vermeer_register",
     "vermeer_stage_start",
+    "vermeer_phase_start",
+    "vermeer_step_end",
     "vermeer_phase_end",
     "vermeer_checkpoint_saved",
 ]
@@ -55,6 +62,43 @@ def vermeer_stage_start(stage: int, resolution: int, model: Any, run_dir: str) -
     ``stage`` is the stage index (0 = core pretraining), ``resolution`` its image size,
     ``model`` the unsharded :class:`vermeer_core.model.VermeerModel`, ``run_dir`` the run's
     output URL. Return value ignored.
+    """
+
+
+@hookspec
+def vermeer_phase_start(
+    stage: int, phase: Phase, step: int, phase_step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Called by the engine on every rank when it starts (or, on resume, continues) a training
+    phase: after the phase's trainable parameters are set and its optimizer is built (with any
+    resumed state), before the phase's first step runs.
+
+    ``stage`` is the stage index, ``phase`` the :class:`~vermeer_core.interfaces.Phase` the
+    growth policy returned (``name``, ``steps``, ...), ``step`` the global number of optimizer
+    steps done before this one (0-based: the next step is ``step + 1``), ``phase_step`` how many
+    of them belong to this phase (0, or more when resuming mid-phase). ``model`` is the
+    *sharded* model (FSDP2: parameters are DTensors; buffers are plain tensors on every rank),
+    ``optimizer`` the phase's ``torch.optim.Optimizer`` over exactly the trainable parameters.
+    Set state that is a function of ``phase_step`` here (e.g. a fade-in weight), so a resumed
+    run matches an uninterrupted one; don't change learning rates here: the engine sets each
+    group's lr at every step from its schedule. Return value ignored.
+    """
+
+
+@hookspec
+def vermeer_step_end(
+    stage: int, phase: Phase, step: int, phase_step: int, model: nn.Module, metrics: dict[str, Any] | None
+) -> None:
+    """Called by the engine on every rank after each optimizer step that was applied (a step
+    skipped for a non-finite loss does not call it), before that step's checkpoint is saved,
+    so state a plugin changes here is in that checkpoint.
+
+    ``step`` is the global step just done (1-based, as in ``metrics.jsonl``), ``phase_step``
+    the steps done in ``phase`` so far (1 after its first step), ``model`` the sharded model.
+    ``metrics`` is the record just written to ``metrics.jsonl`` on a log step (every
+    ``train.log_every`` steps and a phase's last step), else ``None``: the engine never reads a
+    device value just for this hook, so it costs no host-device sync; read tensors yourself
+    only when you must. Return value ignored.
     """
 
 

@@ -51,6 +51,9 @@ class Registry:
         self._items: dict[tuple[str, str], Component] = {}
         self._current_plugin = "<direct>"
         self.cache: dict[str, Any] = {}  # derived objects (e.g. the spec model); cleared on add
+        #: plugins that failed to load (set by :func:`vermeer_core.plugins.load`), so that an
+        #: unknown component name can say which plugins might have provided it
+        self.load_failures: list[str] = []
 
     def add(
         self,
@@ -87,7 +90,7 @@ class Registry:
             return self._items[(kind, name)]
         except KeyError:
             names = ", ".join(self.names(kind)) or "(none)"
-            raise KeyError(f"no {kind} named {name!r}; registered: {names}") from None
+            raise KeyError(f"no {kind} named {name!r}; registered: {names}{self.failures_note()}") from None
 
     def names(self, kind: str) -> list[str]:
         return sorted(name for (k, name) in self._items if k == kind)
@@ -110,7 +113,10 @@ class Registry:
         """The spec-side config models (with their ``type`` literal) of every ``kind`` component."""
         models = [c.spec_model for c in self if c.kind == kind]
         if not models:
-            raise ValueError(f"no {kind} component is registered (were plugins disabled or broken? see `vermeer plugins`)")
+            raise ValueError(
+                f"no {kind} component is registered (were plugins disabled or broken? see "
+                f"`vermeer plugins`){self.failures_note()}"
+            )
         return models
 
     def union(self, kind: str) -> Any:
@@ -124,6 +130,12 @@ class Registry:
         from pydantic import TypeAdapter
 
         return TypeAdapter(self.union(kind))
+
+    def failures_note(self) -> str:
+        """``"; plugins that failed to load: ..."`` when some did, else empty."""
+        if not self.load_failures:
+            return ""
+        return "; plugins that failed to load (one may provide it): " + " | ".join(self.load_failures)
 
     def set_current_plugin(self, name: str) -> None:
         self._current_plugin = name

@@ -8,11 +8,13 @@ the registry's configs, so the concrete spec model exists only once plugins have
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
+import types
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -248,23 +250,83 @@ def _readable_loc(loc: tuple[Any, ...], data: Any) -> str:
     return ".".join(parts)
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: dict[str, Any], registry: Registry | None = None) -> str:
     ctx = err.get("ctx") or {}
+    note = registry.failures_note() if registry is not None else ""
     if err["type"] == "union_tag_invalid":
-        return f"unknown type {ctx.get('tag')!r}; registered: {ctx.get('expected_tags')}"
+        return f"unknown type {ctx.get('tag')!r}; registered: {ctx.get('expected_tags')}{note}"
     if err["type"] == "union_tag_not_found":
         return "missing 'type': say which registered component to use"
     if err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "type":
-        return f"unknown type {err.get('input')!r}; registered: {ctx.get('expected')}"
+        return f"unknown type {err.get('input')!r}; registered: {ctx.get('expected')}{note}"
     msg = err["msg"]
     return msg.removeprefix("Value error, ")
 
 
-def _problems(exc: ValidationError, data: Any) -> list[tuple[str, str]]:
+_UNIONS = (Union, types.UnionType)
+
+
+def _field_names_at(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the pydantic model found by following ``loc`` (a pydantic error
+    location, union tags included) from ``model``; empty when the path leads elsewhere."""
+    node: Any = model
+    for item in loc:
+        node = _strip(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if item not in node.model_fields:
+                return []
+            node = node.model_fields[item].annotation
+        elif get_origin(node) in (list, tuple) and isinstance(item, int):
+            node = (get_args(node) or (Any,))[0]
+        elif get_origin(node) is dict:
+            node = (get_args(node) or (Any, Any))[-1]
+        elif get_origin(node) in _UNIONS:  # a discriminated union: ``item`` is the tag
+            node = next((m for m in get_args(node) if _type_tag(m) == item), None)
+        else:
+            return []
+    node = _strip(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return []
+
+
+def _strip(node: Any) -> Any:
+    """``Annotated[X, ...]`` and ``X | None`` -> ``X``."""
+    while True:
+        if get_origin(node) is Annotated:
+            node = get_args(node)[0]
+        elif get_origin(node) in _UNIONS and type(None) in get_args(node):
+            rest = [a for a in get_args(node) if a is not type(None)]
+            node = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+        else:
+            return node
+
+
+def _type_tag(member: Any) -> Any:
+    if isinstance(member, type) and issubclass(member, BaseModel) and "type" in member.model_fields:
+        args = get_args(member.model_fields["type"].annotation)
+        return args[0] if args else None
+    return None
+
+
+def _suggestion(model: Any, loc: tuple[Any, ...]) -> str:
+    """For an unknown key: ``"; did you mean 'depth'?"`` when a field's name is close."""
+    key = loc[-1] if loc else None
+    if not isinstance(key, str):
+        return ""
+    close = difflib.get_close_matches(key, _field_names_at(model, tuple(loc[:-1])), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _problems(
+    exc: ValidationError, data: Any, registry: Registry | None = None, model: Any = None
+) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for err in exc.errors(include_url=False):
         path = _readable_loc(tuple(err["loc"]), data)
-        msg = _message(err)
+        msg = _message(err, registry)
+        if err["type"] == "extra_forbidden" and model is not None:
+            msg += _suggestion(model, tuple(err["loc"]))
         if not path:
             # cross-field rules name their own paths, one problem per line
             for line in msg.split("\n"):
@@ -340,7 +402,7 @@ def parse_spec(data: dict[str, Any], registry: Registry, source: str = "<spec>")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(source, _problems(exc, data)) from None
+        raise SpecError(source, _problems(exc, data, registry, model)) from None
 
 
 def load_spec(path: str | Path, registry: Registry, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
