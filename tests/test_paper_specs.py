@@ -47,4 +47,4 @@ def test_equal_training_flops_as_planned(specs) -> None:
     totals = {n: total_train_tflop(plan_rows(s, reg)) for n, s in specs.items()}
     lo, hi = min(totals.values()), max(totals.values())
     assert hi / lo < 1.03, totals
-    assert lo > 10, totals  # TFLOP: a real amount of training, not a smoke run
+    assert lo > 3, totals  # TFLOP: a real amount of training, not a smoke run
