@@ -15,8 +15,8 @@ Full study (3 seeds x 3 schedules, ~30 min on 2 CPU cores)::
 
     python benchmarks/paper_claim.py --seeds 0 1 2 --out runs/paper
 
-``--quick`` scales every phase's steps by 0.1 and evaluates 16 prompts: a pipeline check, not
-a result. An existing finished run (its last ``eval/stage{k}.json`` present) is reused, not
+``--quick`` scales every phase's steps by 0.1 (``--step-scale`` to choose) and evaluates 16
+prompts with 8 sampling steps: a pipeline check, not a result. An existing finished run (its ``wall_s.txt`` present) is reused, not
 rerun; ``--force`` reruns.
 """
 
@@ -38,12 +38,12 @@ WINDOW = 20  # steps averaged on each side of a growth step
 RECOVER = 0.10  # "recovered": the loss is back within 10% of the previous stage's last WINDOW steps
 
 
-def _scaled(data: dict[str, Any], scale: float, prompts: int | None) -> dict[str, Any]:
+def _scaled(data: dict[str, Any], scale: float, quick: bool) -> dict[str, Any]:
     for stage in data["stages"]:
         for phase in stage["growth"].get("phases", []):
             phase["steps"] = max(2, round(phase["steps"] * scale))
-    if prompts is not None and data.get("eval"):
-        data["eval"]["prompts"] = prompts
+    if quick and data.get("eval"):
+        data["eval"].update(prompts=16, steps=8)
     return data
 
 
@@ -61,9 +61,9 @@ def _records(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def growth_jumps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For every stage k > 0: mean loss of the first ``WINDOW`` steps of k against the last
-    ``WINDOW`` steps of k-1, and the steps until the loss (a 3-record running mean) is back
+def growth_jumps(records: list[dict[str, Any]], window: int = WINDOW) -> list[dict[str, Any]]:
+    """For every stage k > 0: mean loss of the first ``window`` steps of k against the last
+    ``window`` steps of k-1, and the steps until the loss (a 3-record running mean) is back
     within ``RECOVER`` of the latter (None: never, within the stage)."""
     train = [r for r in records if "loss" in r and "stage" in r]
     out = []
@@ -71,8 +71,8 @@ def growth_jumps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         before = [r for r in train if r["stage"] == k - 1]
         after = [r for r in train if r["stage"] == k]
         start = after[0]["step"] - 1
-        last = [r["loss"] for r in before if r["step"] > before[-1]["step"] - WINDOW]
-        first = [r["loss"] for r in after if r["step"] <= start + WINDOW]
+        last = [r["loss"] for r in before if r["step"] > before[-1]["step"] - window]
+        first = [r["loss"] for r in after if r["step"] <= start + window]
         ref = sum(last) / len(last)
         recover = None
         for i in range(len(after)):
@@ -195,20 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "paper")
     p.add_argument("--specs", type=Path, default=ROOT / "specs" / "paper")
-    p.add_argument("--quick", action="store_true", help="0.1x steps and 16 eval prompts: a pipeline check")
+    p.add_argument("--quick", action="store_true", help="0.1x steps, 16 eval prompts, 8 sampling steps: a pipeline check")
     p.add_argument("--step-scale", type=float, help="scale every phase's steps (overrides --quick's 0.1)")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     args = p.parse_args(argv)
     scale = args.step_scale or (0.1 if args.quick else 1.0)
-    prompts = 16 if args.quick else None
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for spec_path in sorted(args.specs.glob("*.yaml")):
         for seed in args.seeds:
             data = yaml.safe_load(spec_path.read_text())
             data["seed"] = seed
-            if scale != 1.0 or prompts:
-                data = _scaled(data, scale, prompts)
+            if scale != 1.0 or args.quick:
+                data = _scaled(data, scale, args.quick)
             name = spec_path.stem
             spec = args.out / "specs" / f"{name}-s{seed}.yaml"
             spec.parent.mkdir(parents=True, exist_ok=True)
