@@ -32,8 +32,8 @@ from vermeer_core.plugins import get_registry
 
 def grow_with_weights(spec, reg, prev: VermeerModel, init: str) -> VermeerModel:
     """Stage 1 grown from the trained ``prev`` with ``init``, its transfers applied."""
-    data = spec.model_copy(deep=True)
-    data.stages[1].growth.init = init  # type: ignore[attr-defined]
+    stage = spec.stages[1].model_copy(update={"growth": spec.stages[1].growth.model_copy(update={"init": init})})
+    data = spec.model_copy(update={"stages": [spec.stages[0], stage, *spec.stages[2:]]})
     grown = build_stage_model(data, reg, 1, prev=prev)
     plan = stage_transfers(grown, prev, 1)
     src = prev.state_dict()
