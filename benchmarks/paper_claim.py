@@ -183,7 +183,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.plot(xs, ys, "o-", color=colours[r["schedule"]], alpha=0.7, label=label)
     ax.set_xlabel("training compute (TFLOP, vermeer plan)")
     ax.set_ylabel("alignment (held-out prompts)")
-    ax.set_title("alignment at each stage end vs training compute")
+    ax.set_title("alignment at each stage end (greedy: 32 px core, then 64 px)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

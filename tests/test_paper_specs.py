@@ -48,3 +48,18 @@ def test_equal_training_flops_as_planned(specs) -> None:
     lo, hi = min(totals.values()), max(totals.values())
     assert hi / lo < 1.03, totals
     assert lo > 3, totals  # TFLOP: a real amount of training, not a smoke run
+
+
+def test_growth_jump_arithmetic() -> None:
+    import sys
+
+    sys.path.insert(0, str(PAPER.parents[1] / "benchmarks"))
+    from paper_claim import growth_jumps
+
+    records = [{"step": s, "stage": 0, "loss": 1.0} for s in range(1, 41)]
+    # the grown stage starts at 3.0 and falls by 0.25 per step down to 1.0
+    records += [{"step": 40 + i, "stage": 1, "loss": max(1.0, 3.0 - 0.25 * (i - 1))} for i in range(1, 31)]
+    (g,) = growth_jumps(records, window=4)
+    assert g["loss_before"] == 1.0 and g["loss_after"] == (3.0 + 2.75 + 2.5 + 2.25) / 4
+    # the 3-step running mean is first <= 1.1 at stage step 10: (1.25 + 1 + 1) / 3 (step 9: 1.25)
+    assert g["steps_to_recover"] == 10 and g["stage_steps"] == 30
