@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,11 @@ import torch
 from PIL import Image
 
 from engine_spec import BASE, read_metrics, run_cli, write_spec
-from vermeer_core.evaluation import save_marked_grid
+from vermeer_core.evaluation import EvalError, check_eval, save_marked_grid
+from vermeer_core.hookspecs import hookimpl
+from vermeer_core.interfaces import EvalPrompt
+from vermeer_core.plugins import load
+from vermeer_core.spec import parse_spec
 
 EVAL = {"prompts": 6, "seed": 7, "batch_size": 4, "metrics": [{"type": "alignment"}, {"type": "swd"}]}
 
@@ -96,3 +101,32 @@ def test_grid_marks_pass_green_and_fail_red(tmp_path: Path) -> None:
     assert tuple(grid[2, 2 + 12 + 2]) == (220, 0, 0)
     assert tuple(grid[2 + 12 + 2, 2]) == (150, 150, 150)
     assert tuple(grid[6, 6]) == (128, 128, 128)  # the image itself (0 -> mid grey)
+
+
+class _Captions:
+    """A dataset with held-out captions but no structured scenes (like a web dataset)."""
+
+    def __init__(self, with_prompts: bool) -> None:
+        if with_prompts:
+            self.eval_prompts = lambda n, seed: [EvalPrompt(f"caption {i}") for i in range(n)]
+            self.eval_references = lambda prompts, res: torch.zeros(len(prompts), 3, res, res)
+
+
+class _DatasetsPlugin:
+    @hookimpl
+    def vermeer_register(self, registry: object) -> None:
+        registry.add("dataset", "no-eval", lambda cfg, **kw: _Captions(False))
+        registry.add("dataset", "captions-only", lambda cfg, **kw: _Captions(True))
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ("no-eval", "offers no held-out prompts"),
+    ("captions-only", "eval.metrics cannot score this run's data: alignment: prompt 'caption 0' carries no synthetic scene"),
+])
+def test_eval_that_cannot_run_fails_before_training(data: str, message: str) -> None:
+    registry = load(extra=[_DatasetsPlugin()]).registry
+    spec = parse_spec({**eval_spec(), "data": {"type": data}}, registry)
+    with pytest.raises(EvalError, match=re.escape(message)):
+        check_eval(spec, registry, 8)
+    ok = parse_spec({**eval_spec(metrics=[{"type": "swd"}]), "data": {"type": "captions-only"}}, registry)
+    check_eval(ok, registry, 8)  # swd needs references only, which this dataset has

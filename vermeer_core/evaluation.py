@@ -27,7 +27,10 @@ from vermeer_core.interfaces import EvalPrompt, Metric
 from vermeer_core.io import atomic_write_bytes, atomic_write_text
 from vermeer_core.registry import Registry
 
-__all__ = ["EvalError", "EvalResult", "check_eval", "eval_source", "generate_eval", "score", "write_result", "save_marked_grid"]
+__all__ = [
+    "EvalError", "EvalResult", "build_metrics", "check_eval", "eval_source", "evaluate", "generate_eval",
+    "save_marked_grid", "score", "write_result",
+]
 
 
 class EvalError(VermeerError):
