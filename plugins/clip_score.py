@@ -22,10 +22,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from vermeer_core.errors import VermeerError
-from vermeer_core.hookspecs import hookimpl
-from vermeer_core.interfaces import EvalPrompt
-from vermeer_core.registry import ComponentConfig
+from vermeer_core.api import ComponentConfig, EvalPrompt, hookimpl, VermeerError
 
 __all__ = ["CLIPConfig", "CLIPMetric", "vermeer_register"]
 
