@@ -9,6 +9,8 @@ everything (B). ``from-scratch``: a fresh U-Net at every stage, trained end to e
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from vermeer_core.api import (
@@ -21,6 +23,7 @@ from vermeer_core.api import (
     Registry,
     VermeerModel,
 )
+from vermeer_plugins.inherit import inherit_init
 
 __all__ = [
     "FromScratchConfig",
@@ -55,6 +58,12 @@ class GreedyGrowthConfig(_PhasesConfig):
     keep_stages: bool = Field(
         True, description="keep the previous stage's encoder/decoder stages (else rebuild them)"
     )
+    init: Literal["fresh", "inherit"] = Field(
+        "fresh",
+        description="new outer stages: 'fresh' (random, identity ResBlocks, zero head) or "
+        "'inherit' (start as the previous stage's model on the 2x down-sampled input, "
+        "up-sampled; growth from the Shallow-UViT stage only, see vermeer_plugins.inherit)",
+    )
 
 
 class FromScratchConfig(_PhasesConfig):
@@ -87,7 +96,12 @@ class GreedyGrowth(_ConfiguredPhases):
                 f"greedy growth at stage {ctx.stage} needs the stage {ctx.stage - 1} model to grow "
                 "from (use vermeer_core.model.replay to rebuild it)"
             )
-        return ctx.builder.unet(ctx.resolution, reuse=prev, keep_stages=self.config.keep_stages)
+        model = ctx.builder.unet(ctx.resolution, reuse=prev, keep_stages=self.config.keep_stages)
+        if self.config.init == "inherit":
+            return inherit_init(model, prev, ctx)
+        if prev.shallow_in is not None and prev.encoders:  # an inherited stage: keep its blocks
+            model.shallow_in, model.shallow_out = prev.shallow_in, prev.shallow_out
+        return model
 
 
 class FromScratchGrowth(_ConfiguredPhases):

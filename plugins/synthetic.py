@@ -3,15 +3,18 @@
 A sample is a pure function of ``(seed, index)``: :func:`scene` draws a resolution-independent
 description (shapes, colours, sizes, positions in unit coordinates, background), :func:`caption`
 states it exactly ("a small red circle above a large blue square", "two large yellow
-squares"), :func:`render` draws it at any resolution with analytic anti-aliasing, and
-:func:`score` checks programmatically whether an image (e.g. a generated one) shows what the
-caption says -- an alignment metric that needs no pretrained network.
+squares"), and :func:`render` draws it at any resolution with analytic anti-aliasing.
+
+For evaluation a stream also hands out *held-out* scenes (:meth:`SyntheticStream.eval_prompts`,
+drawn from a seed space the training stream never uses) with their exact descriptions and
+ground-truth renders, which the ``alignment`` metric (:mod:`vermeer_plugins.alignment`)
+checks generated images against.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from vermeer_core.api import Batch, ComponentConfig, hookimpl
+from vermeer_core.api import Batch, ComponentConfig, EvalPrompt, hookimpl
 
 __all__ = [
     "COLOURS",
@@ -33,10 +36,10 @@ __all__ = [
     "SyntheticStream",
     "build_synthetic",
     "caption",
-    "check",
+    "eval_scene",
+    "relation_holds",
     "render",
     "scene",
-    "score",
     "vermeer_register",
 ]
 
@@ -119,7 +122,7 @@ def _separated(xs: np.ndarray, ys: np.ndarray, rs: np.ndarray) -> bool:
     return bool((gap >= _GAP).all())
 
 
-def _holds(relation: str, a: tuple[float, float], b: tuple[float, float], slack: float) -> bool:
+def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float], slack: float) -> bool:
     """Whether a point ``a`` is ``relation`` point ``b``: the ruling axis's offset has the right
     sign and exceeds the other axis's by ``slack``."""
     dx, dy = b[0] - a[0], b[1] - a[1]  # from a to b; y grows downward
@@ -143,7 +146,7 @@ def _place(
         ys = rng.uniform(rs + _MARGIN, 1.0 - rs - _MARGIN)
         if not _separated(xs, ys, rs):
             continue
-        if relation is not None and not _holds(relation, (xs[0], ys[0]), (xs[1], ys[1]), _RELATION_SLACK):
+        if relation is not None and not relation_holds(relation, (xs[0], ys[0]), (xs[1], ys[1]), _RELATION_SLACK):
             continue
         return xs, ys, rs
     raise RuntimeError("synthetic: could not place the objects of a scene")  # unreachable in practice
@@ -153,10 +156,30 @@ def scene(seed: int, index: int, config: SyntheticConfig | None = None) -> Scene
     """The scene of sample ``index`` for ``seed``: a pure function of its arguments (a fresh
     generator seeded with ``(seed, index)``), so it is the same for any batch size or rank.
     ``config.seed_offset`` and ``config.n`` are not applied here (the stream applies them)."""
+    return _draw(np.random.default_rng([_check_seed(seed, index), index]), config or SyntheticConfig())
+
+
+#: Third entropy word of held-out scenes. Training scenes seed their generator with the words
+#: (seed, index), held-out ones with (seed, index, _HELD_OUT): for seeds and indices below 2^32
+#: (one word each) these are different word sequences, so no training stream draws a held-out
+#: scene's generator. (Captions are not held out: their vocabulary is small; scenes are.)
+_HELD_OUT = 0x6576616C  # "eval"
+
+
+def eval_scene(seed: int, index: int, config: SyntheticConfig | None = None) -> Scene:
+    """Held-out scene ``index`` of evaluation seed ``seed``: drawn like :func:`scene` (same
+    distribution for the same ``config``) from a seed space the training stream never uses."""
+    return _draw(np.random.default_rng([_check_seed(seed, index), index, _HELD_OUT]), config or SyntheticConfig())
+
+
+def _check_seed(seed: int, index: int) -> int:
     if seed < 0 or index < 0:
         raise ValueError(f"synthetic: seed and index must be >= 0, got seed={seed}, index={index}")
-    cfg = config or SyntheticConfig()
-    rng = np.random.default_rng([seed, index])
+    return seed
+
+
+def _draw(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
+    """One scene from ``rng`` under ``cfg``."""
     k = int(rng.integers(1, cfg.max_objects + 1))
     u = rng.random()
     layout: Literal["single", "list", "count", "relation"]
@@ -263,149 +286,6 @@ def render(s: Scene, resolution: int) -> np.ndarray:
     return out
 
 
-# --- checker -------------------------------------------------------------------------------
-_CHECK_RES = 128  # images above this are area-downsampled to it before checking
-_COLOUR_TOL = 0.2  # max RGB distance (in [0, 1]) from a palette colour for a pixel to count
-_MIN_AREA = 0.003  # components below this fraction of the image are noise
-_SIZE_SPLIT = 0.26  # bounding-box extent (fraction of the side) between small and large
-_PALETTE = torch.tensor(list(COLOURS.values()))
-
-
-@dataclass(frozen=True)
-class _Blob:
-    colour: str
-    shape: str | None  # None: no shape of ours (e.g. elongated)
-    size: str
-    x: float
-    y: float
-    area: float
-
-
-def _blobs(image: np.ndarray | Tensor, colours: list[str]) -> list[_Blob]:
-    """Connected regions (8-connectivity) of pixels whose nearest palette colour is one of
-    ``colours``, described by their bounding boxes (see :func:`score`)."""
-    x = torch.as_tensor(image).detach().to("cpu", torch.float32)
-    if x.ndim != 3 or x.shape[0] != 3 or x.shape[1] != x.shape[2]:
-        raise ValueError(f"synthetic.score: expected one square (3, R, R) image, got shape {tuple(x.shape)}")
-    x = (x + 1.0) / 2.0
-    if x.shape[-1] > _CHECK_RES:
-        x = F.interpolate(x[None], size=(_CHECK_RES, _CHECK_RES), mode="area")[0]
-    side = x.shape[-1]
-    dist = torch.linalg.vector_norm(x[None] - _PALETTE[:, :, None, None], dim=1)  # (K, S, S)
-    best, nearest = dist.min(0)
-    wanted = torch.tensor([list(COLOURS).index(c) for c in colours])
-    masks = (nearest[None] == wanted[:, None, None]) & (best < _COLOUR_TOL)  # (C, S, S)
-    # Label propagation: each pixel takes the largest pixel id in its 3x3 neighbourhood until
-    # nothing changes; a component ends up labelled with its largest id.
-    ids = torch.arange(1, side * side + 1, dtype=torch.float32).view(1, side, side)
-    labels = torch.where(masks, ids, 0.0)[:, None]
-    fmask = masks[:, None].float()
-    for _ in range(side * side):
-        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * fmask
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    keys = labels[:, 0].long() + torch.arange(len(colours))[:, None, None] * (side * side + 1)
-    on = masks.flatten()
-    keys = keys.flatten()[on]
-    if keys.numel() == 0:
-        return []
-    pix = torch.arange(side * side).repeat(len(colours))[on]
-    px, py = pix % side, pix // side
-    uniq, inv, area = torch.unique(keys, return_inverse=True, return_counts=True)
-
-    def reduce(v: Tensor, how: str) -> Tensor:
-        init = torch.full((len(uniq),), side if how == "amin" else -1, dtype=torch.long)
-        return init.scatter_reduce(0, inv, v, how)
-
-    xmin, xmax, ymin, ymax = reduce(px, "amin"), reduce(px, "amax"), reduce(py, "amin"), reduce(py, "amax")
-    # Share of each blob's area in the top and left halves of its box (a pixel on the middle
-    # line counts half): ~1/2 for circles and squares, 1/4 or 3/4 for a triangle.
-    halves = []
-    for p, lo, hi in ((px, xmin, xmax), (py, ymin, ymax)):
-        twice = 2 * p + 1 - (lo + hi + 1)[inv]  # twice the offset of the pixel centre from the box centre
-        weight = (twice < 0).float() + 0.5 * (twice == 0).float()
-        halves.append(torch.zeros(len(uniq)).index_add_(0, inv, weight) / area)
-    lopsided = torch.maximum((halves[0] - 0.5).abs(), (halves[1] - 0.5).abs())
-    blobs = []
-    for j in range(len(uniq)):
-        a = int(area[j])
-        if a < _MIN_AREA * side * side:
-            continue
-        w, h = int(xmax[j] - xmin[j]) + 1, int(ymax[j] - ymin[j]) + 1
-        fill = a / (w * h)
-        shape: str | None
-        if not 0.7 <= w / h <= 1 / 0.7:
-            shape = None
-        else:
-            triangle = fill < 0.6 or float(lopsided[j]) > 0.12
-            shape = "triangle" if triangle else "square" if fill >= 0.9 else "circle"
-        blobs.append(
-            _Blob(
-                colour=colours[int(uniq[j]) // (side * side + 1)],
-                shape=shape,
-                size="large" if max(w, h) / side >= _SIZE_SPLIT else "small",
-                x=(int(xmin[j]) + int(xmax[j]) + 1) / (2 * side),
-                y=(int(ymin[j]) + int(ymax[j]) + 1) / (2 * side),
-                area=a / (side * side),
-            )
-        )
-    return blobs
-
-
-def check(image: np.ndarray | Tensor, s: Scene) -> list[tuple[str, bool]]:
-    """The atomic propositions of ``caption(s)`` and whether ``image`` satisfies each.
-
-    See :func:`score` for the definition. Useful to see *what* a generated image got wrong.
-    """
-    colours = list(dict.fromkeys(it.colour for it in s.items))
-    blobs = _blobs(image, colours)
-    props: list[tuple[str, bool]] = []
-    matched: list[_Blob | None] = []
-    # A counted group is described once; other objects each have their own colour.
-    for it in s.items[:1] if s.layout == "count" else s.items:
-        mine = [b for b in blobs if b.colour == it.colour]
-        # The blob that best matches the description stands for the object in relations.
-        mine.sort(key=lambda b: (b.shape == it.shape, b.shape == it.shape and b.size == it.size, b.area))
-        matched.append(mine[-1] if mine else None)
-        props.append((f"something is {it.colour}", bool(mine)))
-        props.append((f"the {it.colour} thing is a {it.shape}", any(b.shape == it.shape for b in mine)))
-        good = [b for b in mine if b.shape == it.shape and b.size == it.size]
-        props.append((f"the {it.colour} {it.shape} is {it.size}", bool(good)))
-        if s.layout == "count":
-            n = len(s.items)
-            props.append((f"there are exactly {n} {it.size} {it.colour} {it.shape}s", len(good) == n))
-    if s.layout == "relation" and s.relation is not None:
-        a, b = matched
-        holds = a is not None and b is not None and _holds(s.relation, (a.x, a.y), (b.x, b.y), 0.0)
-        props.append((f"the {s.items[0].colour} thing is {s.relation} the {s.items[1].colour} thing", holds))
-    return props
-
-
-def score(image: np.ndarray | Tensor, s: Scene) -> float:
-    """Alignment of ``image`` ((3, R, R) in [-1, 1]) with ``caption(s)``, in [0, 1]: the
-    fraction of the caption's atomic propositions that the image satisfies (in the spirit of
-    DSG, Cho et al. 2024, with a programmatic instead of a VQA judge). Positions are free: only
-    what the caption says is checked, so any image of the caption can score 1.
-
-    Definition. The image is area-downsampled to 128x128 if larger (reliable from 64x64 up;
-    at 32x32 small shapes are too few pixels). A pixel belongs to colour ``c`` when ``c`` is
-    its nearest :data:`COLOURS` entry and lies within 0.2 (RGB distance, channels in [0, 1]).
-    Each 8-connected region of one colour covering >= 0.3% of the image is a *blob*, described
-    by its bounding box: shape = "triangle" if it fills < 60% of the box or one half of the box
-    (top/bottom or left/right) holds < 38% of its area, else "square" if it fills >= 90%, else
-    "circle" (none of them if the box's aspect ratio is outside [0.7, 1/0.7]); size = "large"
-    if the box's longer side is >= 26% of the image side; position = the box's centre.
-    Propositions, for each described object (or the counted group) of colour c, shape s and
-    size z: (1) some blob is c; (2) some c blob is an s; (3) some c blob is an s of size z;
-    for a count n: (4) exactly n c blobs are z s's. For a relation "A rel B": (5) with the
-    best-matching blob of each (shape, then size, then area), the offset from B to A along
-    the relation's axis has the right sign and exceeds the offset along the other axis.
-    """
-    props = check(image, s)
-    return sum(ok for _, ok in props) / len(props)
-
-
 # --- stream --------------------------------------------------------------------------------
 class SyntheticStream:
     """Endless batches for one rank: rank r of w takes global sample indices i = k*w + r for
@@ -439,6 +319,19 @@ class SyntheticStream:
         self.world_size = world_size
         self.seed = seed + config.seed_offset
         self._k = 0  # this rank's next local sample number
+
+    def eval_prompts(self, n: int, seed: int) -> list[EvalPrompt]:
+        """``n`` held-out prompts (:func:`eval_scene` of ``seed``, this stream's config), each
+        with its :class:`Scene` for exact checking. Independent of rank and ``seed_offset``."""
+        return [EvalPrompt(caption(s), s) for s in (eval_scene(seed, i, self.config) for i in range(n))]
+
+    def eval_references(self, prompts: Sequence[EvalPrompt], resolution: int) -> Tensor:
+        """Ground-truth renders of ``prompts`` (from :meth:`eval_prompts`) at ``resolution``,
+        (B, 3, R, R) in [-1, 1]: the reference set of distribution metrics."""
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p.scene, Scene)]
+        if bad:
+            raise ValueError(f"synthetic: prompts {bad[:5]} carry no synthetic Scene (use eval_prompts)")
+        return torch.from_numpy(np.stack([render(p.scene, resolution) for p in prompts]))
 
     def scene_at(self, index: int) -> Scene:
         """The scene of global sample ``index``."""

@@ -144,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_cmd_sample)
 
+    p = sub.add_parser("eval", help="score a checkpoint on held-out prompts: metrics JSON + pass/fail grid PNG")
+    p.add_argument("checkpoint", help="checkpoint dir, run dir (newest checkpoint) or exported .safetensors")
+    p.add_argument("--prompts", type=int, help="number of held-out prompts (default: the spec's eval.prompts, else 64)")
+    p.add_argument("--seed", type=int, help="which held-out prompts, and the noise (default: eval.seed, else 1234)")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="registered metric (repeatable; default: the spec's eval.metrics, else alignment + swd)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: eval.steps, else sampling.steps)")
+    p.add_argument("--guidance", type=float, help="CFG weight (default: eval.guidance, else sampling.guidance)")
+    p.add_argument("--out", help="output directory (default: <run>/eval/<checkpoint name>); writes eval.json, grid.png")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_cmd_eval)
+
     from vermeer_core.data_cli import register as register_data
 
     register_data(sub)
@@ -220,6 +232,63 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     else:
         save_grid(images, args.prompt, args.out)
     print(f"wrote {args.out} ({len(args.prompt)} image(s), {model.resolution}px, stage {stage})")
+    return 0
+
+
+def _eval_out(checkpoint: str) -> str:
+    """Default output of ``vermeer eval``: ``<run>/eval/<step-N>`` for a checkpoint or run dir,
+    ``<file>-eval`` beside an exported ``.safetensors``."""
+    import posixpath
+
+    from vermeer_core.inference import resolve_checkpoint
+    from vermeer_core.io import join
+
+    if checkpoint.endswith(".safetensors"):
+        return checkpoint[: -len(".safetensors")] + "-eval"
+    url = resolve_checkpoint(checkpoint).rstrip("/")
+    parent, name = posixpath.split(url)
+    run = posixpath.dirname(parent) if posixpath.basename(parent) == "checkpoints" else parent
+    return join(run, "eval", name)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vermeer_core.evaluation import evaluate, write_result
+    from vermeer_core.inference import load_model
+    from vermeer_core.io import join
+    from vermeer_core.spec import DEFAULT_METRICS, SpecError
+
+    registry = get_plugins().registry
+    for name, value in (("--prompts", args.prompts), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise SpecError("command line", [(name, f"must be >= 1, got {value}")])
+    if args.seed is not None and args.seed < 0:
+        raise SpecError("command line", [("--seed", f"must be >= 0, got {args.seed}")])
+    metrics = []
+    for name in args.metric or []:
+        if name not in registry.names("metric"):
+            raise SpecError("command line", [("--metric", f"unknown metric {name!r}; registered: {registry.names('metric')}")])
+        metrics.append(registry.parse("metric", {"type": name}))
+    out = args.out or _eval_out(args.checkpoint)
+    spec, model, stage = load_model(args.checkpoint, registry)
+    e = spec.eval
+    device = _device(args.device)
+    model.to(device)
+    n = args.prompts or (e.prompts if e else 64)
+    seed = args.seed if args.seed is not None else (e.seed if e else 1234)
+    result = evaluate(
+        model, spec=spec, registry=registry, metrics=metrics or (e.metrics if e else list(DEFAULT_METRICS)), n=n,
+        seed=seed, resolution=model.resolution, schedule=registry.build(spec.diffusion.schedule, "noise_schedule"),
+        sampler=registry.build(spec.sampling.sampler, "sampler"), device=device,
+        steps=args.steps or (e.steps if e else None),
+        guidance=args.guidance if args.guidance is not None else (e.guidance if e else None),
+        batch_size=e.batch_size if e else 16,
+    )
+    assert result is not None  # one process: rank 0
+    info = {"checkpoint": args.checkpoint, "stage": stage, "resolution": model.resolution, "seed": seed}
+    write_result(result, join(out, "eval.json"), join(out, "grid.png"), info)
+    for k, v in result.metrics.items():
+        print(f"{k}: {v:.4g}")
+    print(f"wrote {join(out, 'eval.json')} and {join(out, 'grid.png')} ({n} held-out prompts, {model.resolution}px, stage {stage})")
     return 0
 
 

@@ -61,6 +61,8 @@ RESUMABLE_CHANGES = (
     "train.max_skipped_fraction",
     "sampling.*",
     "sampling.sampler.*",
+    "eval",
+    "eval.*",
     "stages.*.growth.phases.*.steps",
 )
 
@@ -135,6 +137,10 @@ class Engine:
                     f"stage batch_size {stage.batch_size} is not divisible by the world size "
                     f"{dist_info.world_size}; change stages.*.batch_size or --nproc-per-node"
                 )
+        if spec.eval is not None:
+            from vermeer_core.evaluation import check_eval
+
+            check_eval(spec, self.registry, spec.stages[0].resolution)  # fail now, not after training
         self.metrics: MetricsLog | None = None
         self.losses: list[tuple[int, float]] = []
         # Non-finite steps: skipped in total (logged), in a row (spans phases and stages) and
@@ -342,6 +348,7 @@ class Engine:
         if start < end:  # else we resumed from this stage's final checkpoint: all done before it
             # samples first, then the stage-boundary checkpoint: a committed stage has its samples
             self._write_samples(stage, model, ema)
+            self._write_eval(stage, end, model, ema)
             self._save(end, slots[-1], model, ema, optim, data)
         return self._carry(model, ema, optim)
 
@@ -487,6 +494,32 @@ class Engine:
             name = f"stage{stage}-{st.resolution}px"
             save_grid(images, s.prompts, join(self.out, "samples", name + ".png"))
             self._say(f"samples: {join(self.out, 'samples', name + '.png')}")
+        self._barrier()
+
+    def _write_eval(self, stage: int, step: int, model: nn.Module, ema: EMA) -> None:
+        """The spec's ``eval:`` metrics on held-out prompts with the EMA weights: a record in
+        metrics.jsonl (``eval/<key>``) and ``eval/stage{k}.json`` + a pass/fail grid PNG."""
+        e = self.spec.eval
+        if e is None:
+            return
+        from vermeer_core.evaluation import evaluate, write_result
+
+        st = self.spec.stages[stage]
+        with ema.swapped_in(model):
+            result = evaluate(
+                model, spec=self.spec, registry=self.registry, metrics=e.metrics, n=e.prompts, seed=e.seed,
+                resolution=st.resolution, schedule=self.schedule, sampler=self.sampler, device=self.d.device,
+                steps=e.steps, guidance=e.guidance, batch_size=e.batch_size, rank0=self.rank0,
+            )
+            model.reshard()  # as in _write_samples: restore the EMA swap into sharded parameters
+        if result is not None and self.metrics is not None:
+            base = join(self.out, "eval", f"stage{stage}")
+            info = {"stage": stage, "step": step, "resolution": st.resolution, "seed": e.seed}
+            write_result(result, base + ".json", base + ".png", info)
+            self.metrics.log({**info, **{f"eval/{k}": v for k, v in result.metrics.items()},
+                              "eval_seconds": sum(result.seconds.values()), "time": time.time()})
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items() if k.count("/") == 0)
+            self._say(f"eval stage {stage} ({len(result.prompts)} held-out prompts): {shown} -> {base}.json")
         self._barrier()
 
     def _plot_losses(self) -> None:

@@ -33,7 +33,9 @@ __all__ = [
     "BlockFamily",
     "DataStream",
     "Denoiser",
+    "EvalPrompt",
     "GrowthPolicy",
+    "Metric",
     "NoiseSchedule",
     "Phase",
     "Sampler",
@@ -171,9 +173,54 @@ class DataStream(Protocol):
 
     # Optional: ``stats() -> dict[str, int]``: counters (e.g. corrupt samples skipped, by
     # reason); the engine logs them in metrics.jsonl as ``data_<name>`` on every log step.
+    # Optional, for evaluation (``vermeer eval``, a spec's ``eval:``):
+    # ``eval_prompts(n: int, seed: int) -> list[EvalPrompt]``: n held-out prompts, the same on
+    # every rank, never produced by the training stream; and
+    # ``eval_references(prompts, resolution: int) -> Tensor``: their ground-truth images
+    # (B, 3, R, R) in [-1, 1], the reference set of distribution metrics.
 
 
 # A dataset factory: see :class:`DatasetFactory` below.
+
+
+# --- metric -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalPrompt:
+    """A held-out prompt: its ``caption`` and, where the dataset knows it, ``scene``: the
+    structured description the caption states (synthetic: a ``Scene``), for exact checkers."""
+
+    caption: str
+    scene: Any = None
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """Scores generated images, in batches, with a stateful ``reset / update / compute``
+    (torchmetrics' pattern), so one API serves per-image scores (alignment with the prompt)
+    and distribution distances that need every image (and a reference set) before the end.
+
+    ``needs_references``: True when ``update`` needs ``references`` (ground-truth images of the
+    same prompts, same shape as ``images``); the caller then asks the dataset for them."""
+
+    needs_references: bool
+
+    def reset(self) -> None:
+        """Forget every image seen so far."""
+
+    def update(
+        self, images: Tensor, prompts: Sequence[EvalPrompt], references: Tensor | None = None
+    ) -> list[float] | None:
+        """Take a batch: ``images`` (B, 3, R, R) in [-1, 1] generated for ``prompts``
+        (length B). Returns one score in [0, 1] per image (1 = the image passes) when the
+        metric scores images one by one, else None."""
+
+    def compute(self) -> dict[str, float]:
+        """The metric's numbers over every image since ``reset``; keys start with the
+        metric's name (``alignment``, ``alignment/colour``, ``swd``, ...)."""
+
+
+# A metric factory: ``factory(config, *, device: torch.device) -> Metric``. Heavy optional
+# dependencies (pretrained networks) load in the factory, with a clear error when missing.
 
 
 # --- growth_policy ------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class VermeerModel(nn.Module):
     def topology(self) -> dict[str, Any]:
         """A plain description of the structure (for ``vermeer plan`` and tests)."""
         return {
-            "kind": "shallow-uvit" if self.shallow_in is not None else "unet",
+            "kind": "unet" if self.encoders else "shallow-uvit",
             "resolution": self.resolution,
             "grid": self.grid,
             "stem_factor": self.stem_factor,

@@ -22,7 +22,7 @@ from vermeer_core.registry import Registry
 from vermeer_core.schedule_table import step_table
 from vermeer_core.spec import RunSpec
 
-__all__ = ["plan_rows", "print_plan", "measure_forward", "stage_forward_flops"]
+__all__ = ["measure_forward", "plan_rows", "print_plan", "stage_forward_flops", "total_train_tflop"]
 
 _CAPTION = "a small red circle above a large blue square"
 
@@ -108,6 +108,9 @@ def plan_rows(spec: RunSpec, registry: Registry, world_size: int = 1) -> list[di
                 "params_total": total,
                 "params_trainable": trainable,
                 "gflop_per_image_fwd": flops / 1e9,
+                # 3 x forward per image (forward + backward), every phase alike: an estimate
+                # that ignores the weight gradients a frozen phase skips
+                "train_tflop": 3 * flops * stage.batch_size * slot.phase.steps / 1e12,
                 "activation_bytes_per_image": act,
                 "activation_bytes_per_image_no_checkpointing": act_full,
                 "activation_checkpointing": spec.train.activation_checkpointing,
@@ -118,6 +121,11 @@ def plan_rows(spec: RunSpec, registry: Registry, world_size: int = 1) -> list[di
                 "per_rank_total_bytes": int(state + act * per_rank_batch),
             })
     return rows
+
+
+def total_train_tflop(rows: list[dict[str, Any]]) -> float:
+    """Training compute of the whole schedule (TFLOP): the sum of the rows' ``train_tflop``."""
+    return float(sum(r["train_tflop"] for r in rows))
 
 
 def _h(n: float, unit: str = "") -> str:
@@ -142,20 +150,21 @@ def print_plan(spec: RunSpec, rows: list[dict[str, Any]], world_size: int = 1) -
 
     table = Table(title=f"plan: {spec.name} (world size {world_size})")
     for col in ("stage", "res", "model", "phase", "steps", "params", "trainable", "GFLOP/img fwd",
-                "act/img", "per-rank state", "per-rank act", "per-rank total"):
+                "train TFLOP", "act/img", "per-rank state", "per-rank act", "per-rank total"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
             str(r["stage"]), str(r["resolution"]), str(r["topology"]), r["phase"], _h(r["steps"]),
             _h(r["params_total"]), f"{_h(r['params_trainable'])} ({r['trainable_set']})",
-            f"{r['gflop_per_image_fwd']:.3g}", _b(r["activation_bytes_per_image"]),
+            f"{r['gflop_per_image_fwd']:.3g}", f"{r['train_tflop']:.3g}", _b(r["activation_bytes_per_image"]),
             _b(r["per_rank_state_bytes"]), _b(r["per_rank_activation_bytes"]), _b(r["per_rank_total_bytes"]),
         )
     console = Console(width=200)
     console.print(table)
+    console.print(f"training compute: {total_train_tflop(rows):.4g} TFLOP")
     console.print(
         "GFLOP/img: one forward pass, measured with torch.utils.flop_counter (x3 for a training "
-        "step). act/img: tensors saved for backward per image (with train.activation_checkpointing "
+        "step; train TFLOP = 3 x fwd x batch x steps).  act/img: tensors saved for backward per image (with train.activation_checkpointing "
         "when the spec enables it: unit inputs + the largest unit's internals). per-rank "
         "state: fp32 params/FSDP + grads + AdamW for trainable params."
     )

@@ -56,6 +56,10 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("synthetic", "vermeer_plugins.synthetic"),
     ("text-pretrained", "vermeer_plugins.text_pretrained"),
     ("webdataset", "vermeer_plugins.webdataset"),
+    ("alignment", "vermeer_plugins.alignment"),
+    ("swd", "vermeer_plugins.swd"),
+    ("fd-efficientnet", "vermeer_plugins.fd_efficientnet"),
+    ("clip", "vermeer_plugins.clip_score"),
 )
 
 _BUILTIN_DIST = ("vermeer", __version__)

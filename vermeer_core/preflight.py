@@ -29,6 +29,9 @@ def check_growth(spec: RunSpec, registry: Registry, source: str = "<spec>") -> N
                 model = build_stage_model(spec, registry, k, prev=prev)
         except (NotImplementedError, RuntimeError):
             return  # a component that cannot be built on meta: the run checks the same at its start
+        except ValueError as exc:  # the policy refuses this schedule (e.g. widths it cannot use)
+            problems.append((f"stages.{k}.growth", str(exc)))
+            raise SpecError(source, problems) from None
         try:
             stage_transfers(model, prev, k)
         except TransferError as exc:

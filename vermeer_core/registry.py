@@ -20,6 +20,7 @@ KINDS: dict[str, str] = {
     "text_encoder": "captions -> token embeddings + pooled embedding",
     "dataset": "stream of (image, caption) batches at a given resolution",
     "attention": "attention kernel",
+    "metric": "scores generated images of held-out prompts (alignment, distribution distances)",
 }
 
 

@@ -82,15 +82,22 @@ def save_grid(images: Tensor, prompts: Sequence[str], url: str, pad: int = 2) ->
 
 
 def plot_losses(metrics_url: str, out_url: str) -> None:
-    """Loss against step from ``metrics.jsonl``, one colour per stage (matplotlib, Agg)."""
+    """Loss against step from ``metrics.jsonl``, one colour per stage (matplotlib, Agg); when
+    the run has evaluation records (``eval/...``), a companion panel on the right shows the
+    alignment (overall and per proposition kind) at the end of each stage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with fsspec.open(metrics_url, "r") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        lines = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if any(k.startswith("eval/alignment") for k in r)]
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    if evals:
+        _plot_alignment(axes[0][1], evals)
     stages = sorted({r["stage"] for r in records})
     for k in stages:
         pts = [(r["step"], r["loss"]) for r in records if r["stage"] == k]
@@ -106,3 +113,20 @@ def plot_losses(metrics_url: str, out_url: str) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(out_url, buf.getvalue())
+
+
+def _plot_alignment(ax: Any, evals: list[dict[str, Any]]) -> None:
+    """Alignment per stage (x: stage and resolution), overall bold, per kind thin."""
+    evals = sorted(evals, key=lambda r: r["stage"])
+    xs = list(range(len(evals)))
+    keys = sorted({k for r in evals for k in r if k.startswith("eval/alignment/") and k != "eval/alignment/all"})
+    for key in ["eval/alignment", *keys]:
+        ys = [r.get(key, float("nan")) for r in evals]
+        main = key == "eval/alignment"
+        ax.plot(xs, ys, marker="o", lw=2.5 if main else 1, alpha=1 if main else 0.7,
+                label="alignment" if main else key.rsplit("/", 1)[1])
+    ax.set_xticks(xs, [f"stage {r['stage']}\n{r['resolution']}px" for r in evals])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("held-out alignment")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

@@ -32,6 +32,8 @@ def smoke_spec(spec: RunSpec, registry: Registry, world_size: int = 1) -> RunSpe
         st["batch_size"] = 2 * world_size
         st["growth"] = _component(ref.growth)
     d["sampling"].update(steps=2, prompts=d["sampling"]["prompts"][:1])
+    if d.get("eval"):  # the metrics still run end to end, on two prompts with two steps
+        d["eval"].update(prompts=2, steps=2, metrics=[_component(m) for m in spec.eval.metrics])
     d["optim"]["warmup_steps"] = 0
     d["train"].update(precision="fp32", log_every=1, compile=False)
     d["name"] = spec.name + "-smoke"

@@ -93,6 +93,24 @@ class SamplingSpec(_Strict):
     seed: int = 0
 
 
+DEFAULT_METRICS = ({"type": "alignment"}, {"type": "swd"})
+
+
+class EvalSpec(_Strict):
+    """Evaluation at the end of every stage (and the defaults of ``vermeer eval``): images for
+    held-out prompts of the run's dataset, scored by ``metric`` components."""
+
+    prompts: int = Field(64, gt=0, description="number of held-out prompts")
+    seed: int = Field(1234, ge=0, description="which held-out prompts, and the sampling noise")
+    metrics: list[Any] = Field(
+        default_factory=lambda: [dict(m) for m in DEFAULT_METRICS], validate_default=True,
+        description="metric components, e.g. [{type: alignment}, {type: swd}, {type: fd-efficientnet}]",
+    )
+    steps: int | None = Field(None, gt=0, description="sampling steps (default: sampling.steps)")
+    guidance: float | None = Field(None, ge=0.0, description="CFG weight (default: sampling.guidance)")
+    batch_size: int = Field(16, gt=0, description="images generated and scored per batch")
+
+
 class OptimSpec(_Strict):
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
@@ -148,6 +166,7 @@ class RunSpec(_Strict):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     ema: EMASpec | None = Field(default_factory=EMASpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec | None = Field(None, description="metrics at the end of every stage (optional)")
     stages: list[StageSpec] = Field(..., min_length=1)
 
     @model_validator(mode="after")
@@ -215,6 +234,13 @@ def _build_spec_model(registry: Registry) -> type[RunSpec]:
     )
     sampling = create_model("SamplingSpec", __base__=SamplingSpec, sampler=component("sampler", SamplingSpec, "sampler"))
     stage = create_model("StageSpec", __base__=StageSpec, growth=component("growth_policy", StageSpec, "growth"))
+    extra: dict[str, Any] = {}
+    if any(c.kind == "metric" for c in registry):  # else ``eval`` keeps unvalidated mappings
+        models = registry.spec_models("metric")
+        one = models[0] if len(models) == 1 else Annotated[Union[tuple(models)], Field(discriminator="type")]
+        metrics = (list[one], EvalSpec.model_fields["metrics"])  # type: ignore[valid-type]
+        evaluation = create_model("EvalSpec", __base__=EvalSpec, metrics=metrics)
+        extra["eval"] = (evaluation | None, RunSpec.model_fields["eval"])
     return create_model(
         "RunSpec",
         __base__=RunSpec,
@@ -223,6 +249,7 @@ def _build_spec_model(registry: Registry) -> type[RunSpec]:
         data=component("dataset", RunSpec, "data"),
         sampling=(sampling, Field(default_factory=lambda: sampling())),
         stages=(list[stage], Field(..., min_length=1)),
+        **extra,
     )
 
 

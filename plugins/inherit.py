@@ -1,0 +1,135 @@
+"""``greedy`` growth with ``init: inherit``: initialise the new outer stages so that the grown
+model, at step 0, computes (nearly) ``up(prev(down(x)))`` — the previous stage's model on the
+2x average-pooled input, nearest-upsampled — and then learns the residual detail.
+
+Built only on the public growth API: values that do not depend on training (pixel embedding,
+average pooling, channel-identity convs) are set here on the freshly built modules; values
+that do (the previous stem, head) are declared as :class:`Transfer` s, and the Shallow-UViT
+ResBlocks around the core are reused as the same modules (their trained tensors load by name).
+
+Supported growth: from a Shallow-UViT with a 2x2 patchify stem (the core-pretraining stage) to
+a U-Net at twice its resolution, with ``widths[r] == widths[grid]`` for every new stage r (the
+core's features are carried through the decoder channel for channel, so the head's GroupNorm
+sees exactly the groups the old head saw). The path, for a 2G-pixel prev grown to 4G:
+
+* stem (3x3): pixels into channels 0..2 (centre tap 1), the rest 0;
+* encoder 4G: ResBlocks are the identity (their last conv starts at zero); ``down`` averages
+  2x2 pixel blocks (taps (1..2, 1..2) of the stride-2 kernel) — the 2G-pixel input of prev;
+* encoder 2G: identity blocks; ``down`` holds prev's 2x2 patchify stem in the same taps;
+* prev's ``shallow_in``, the core, prev's ``shallow_out`` (reused);
+* decoders: nearest upsample, ``up`` and ``fuse`` copy channels (skips get weight 0),
+  identity blocks; head: prev's GroupNorm, and its 1x1 projection averaged over the four
+  sub-pixels of the pixel shuffle.
+
+The one approximation is that last step: convolutions after a nearest upsample are the same
+at every position of a 2x2 block, so they cannot pick the sub-pixel that prev's pixel shuffle
+places there; the grown model outputs the mean of prev's 2x2 output block (measured in
+``tests/test_inherit.py`` and ``docs/notes/inherit.md``).
+
+Noise level. The model is conditioned on the log-SNR it is given; the grown model passes its
+own λ to the shared conditioning, so prev runs at λ, not at the λ + 2 log 2 of the pooled
+input (see docs/notes/inherit.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vermeer_core.api import GrowthContext, Transfer, VermeerModel
+
+__all__ = ["inherit_init"]
+
+
+def _pixel_stem(stem: nn.Conv2d) -> None:
+    with torch.no_grad():
+        stem.weight.zero_()
+        for c in range(3):
+            stem.weight[c, c, 1, 1] = 1.0
+        if stem.bias is not None:
+            stem.bias.zero_()
+
+
+def _avg_pool_down(down: nn.Conv2d) -> None:
+    # A stride-2 3x3 conv with padding 1 reads rows 2i-1, 2i, 2i+1 for output i: the 2x2
+    # block (2i, 2i+1) is taps 1..2.
+    with torch.no_grad():
+        down.weight.zero_()
+        for c in range(3):
+            down.weight[c, c, 1:3, 1:3] = 0.25
+        if down.bias is not None:
+            down.bias.zero_()
+
+
+def _copy_channels(conv: nn.Conv2d, n: int) -> None:
+    """Output channel c = input channel c (c < n), centre tap; everything else 0."""
+    k = conv.kernel_size[0] // 2
+    with torch.no_grad():
+        conv.weight.zero_()
+        for c in range(n):
+            conv.weight[c, c, k, k] = 1.0
+        if conv.bias is not None:
+            conv.bias.zero_()
+
+
+def _patchify_in_down(in_ch: int) -> Transfer:
+    def fn(stem_w: Tensor) -> Tensor:  # (out, 3, 2, 2) -> (out, in_ch, 3, 3)
+        w = stem_w.new_zeros(stem_w.shape[0], in_ch, 3, 3)
+        w[:, :3, 1:3, 1:3] = stem_w
+        return w
+
+    return Transfer(fn, ("stem.weight",))
+
+
+def _subpixel_mean_w(w: Tensor) -> Tensor:  # (3*4, C, 1, 1) -> (3, C, 3, 3), centre tap
+    mean = w.reshape(3, 4, w.shape[1]).mean(1)
+    out = w.new_zeros(3, w.shape[1], 3, 3)
+    out[:, :, 1, 1] = mean
+    return out
+
+
+def _subpixel_mean_b(b: Tensor) -> Tensor:  # (3*4,) -> (3,)
+    return b.reshape(3, 4).mean(1)
+
+
+def inherit_init(model: VermeerModel, prev: VermeerModel, ctx: GrowthContext) -> VermeerModel:
+    """Reshape ``model`` (a fresh ``builder.unet`` grown from ``prev``) so that it starts as
+    ``up(prev(down(x)))``; returns the model with its shallow blocks and transfers set."""
+    where = f"stage {ctx.stage}: greedy init: inherit"
+    g = ctx.builder.grid
+    if prev.shallow_in is None or prev.stem_factor != 2 or prev.resolution != 2 * g:
+        raise ValueError(
+            f"{where} grows a Shallow-UViT with a 2x2 patchify stem (resolution 2 x grid = {2 * g}) "
+            f"into a U-Net; stage {ctx.stage - 1} is a {prev.topology()['kind']} at {prev.resolution} "
+            f"with stem factor {prev.stem_factor} (use init: fresh for later stages)"
+        )
+    if model.encoder_resolutions != [4 * g, 2 * g]:
+        raise ValueError(f"{where} expects new encoder stages [{4 * g}, {2 * g}], got {model.encoder_resolutions}")
+    core_w = ctx.builder.width(g)
+    bad = {r: ctx.builder.width(r) for r in (2 * g, 4 * g) if ctx.builder.width(r) != core_w}
+    if bad:
+        raise ValueError(
+            f"{where} carries the core's {core_w} channels to the head: model.widths must be "
+            f"{core_w} at {sorted(bad)} too (got {bad})"
+        )
+    outer, inner = f"r{4 * g}", f"r{2 * g}"
+    _pixel_stem(model.stem)
+    _avg_pool_down(model.encoders[outer].down)
+    nn.init.zeros_(model.encoders[inner].down.weight)
+    for key in (outer, inner):
+        dec = model.decoders[key]
+        _copy_channels(dec.up, core_w)
+        _copy_channels(dec.fuse, core_w)  # the skip half of the 1x1 conv stays 0
+    # the Shallow-UViT blocks around the core, reused (trained tensors load by name)
+    model.shallow_in, model.shallow_out = prev.shallow_in, prev.shallow_out
+    model.transfers.update(
+        {
+            f"encoders.{inner}.down.weight": _patchify_in_down(core_w),
+            f"encoders.{inner}.down.bias": "stem.bias",
+            "head.norm.weight": "head.norm.weight",
+            "head.norm.bias": "head.norm.bias",
+            "head.proj.weight": Transfer(_subpixel_mean_w, ("head.proj.weight",)),
+            "head.proj.bias": Transfer(_subpixel_mean_b, ("head.proj.bias",)),
+        }
+    )
+    return model
