@@ -145,6 +145,8 @@ def run(a):
     reg = get_registry()
     ck = Checkpointer(a.run_dir, keep=10**6)
     for url in ck.committed():
+        if a.only and url.rsplit("/", 1)[-1] not in a.only:
+            continue
         spec, model, stage = load_checkpoint(url, reg)
         grid = f"{a.grid}_stage{stage}_{model.resolution}px_g{{g}}.png" if a.grid else None
         rec = {"checkpoint": url.rsplit("/", 1)[-1], "stage": stage, "resolution": model.resolution,
@@ -165,6 +167,7 @@ def main():
     r = sub.add_parser("run")
     r.add_argument("run_dir")
     r.add_argument("--grid", help="PNG prefix for sample grids (first 36 prompts)")
+    r.add_argument("--only", nargs="+", help="checkpoint names to score (e.g. step-00000500); default all")
     for p in (c, r):
         p.add_argument("--n", type=int, default=64, help="held-out prompts")
         p.add_argument("--guidance", type=float, nargs="+")
