@@ -43,6 +43,11 @@ class ShallowUViTConfig(ComponentConfig):
     mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width as a multiple of width")
     qk_norm: bool = Field(True, description="RMS-normalise queries and keys per head (stabilises training)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on residual branches and MLP hidden")
+    gate_init: float = Field(
+        0.0,
+        description="initial adaLN gate of every residual branch (bias of the gate outputs); 0 = "
+        "adaLN-Zero (DiT); the core stays the identity at init either way (zero out_proj)",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ShallowUViTConfig:
@@ -177,6 +182,7 @@ class ShallowUViTCore(nn.Module):
         super().__init__()
         width = config.width
         self.channels, self.grid, self.width = channels, grid, width
+        self.gate_init = config.gate_init
         self.in_proj = nn.Linear(channels, width)  # a 1x1 convolution on the G*G tokens
         self.pos_embed = nn.Parameter(torch.empty(1, grid * grid, width))
         self.text_proj = nn.Linear(text_dim, width)
@@ -205,6 +211,12 @@ class ShallowUViTCore(nn.Module):
         for linear in [block.ada for block in self.blocks] + [self.final_ada, self.out_proj]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+        if self.gate_init:
+            # ada's chunks are (shift, scale, gate) x (self-attn, cross-attn, MLP)
+            w = self.width
+            for block in self.blocks:
+                for k in (2, 5, 8):
+                    block.ada.bias[k * w : (k + 1) * w] = self.gate_init
 
     def forward(self, x: Tensor, cond: Tensor, text: TextEmbedding) -> Tensor:
         b, c, h, w = x.shape

@@ -1,13 +1,22 @@
-"""text_encoder ``tiny``: a small trainable byte-level transformer; nothing to download.
+"""text_encoder ``tiny``: a small trainable transformer over bytes or hashed words; nothing to
+download.
 
-Captions become UTF-8 bytes framed by BOS/EOS, so every caption -- the empty one used as the
+Captions become tokens framed by BOS/EOS, so every caption -- the empty one used as the
 unconditional input of classifier-free guidance included -- has at least two real tokens.
+``tokens: bytes`` (the default) reads UTF-8 bytes: any text, but a word's meaning must be
+assembled from its letters by attention first. ``tokens: words`` gives each lower-cased word
+(or punctuation mark) one id by hashing it (CRC-32) into ``word_buckets`` buckets -- the
+hashing trick (Weinberger et al. 2009), so no vocabulary file -- and a word's embedding is its
+meaning from the first step: on the synthetic captions a core learns colour and shape several
+times faster per image (see benchmarks/learning_study.py).
 """
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,6 +35,7 @@ __all__ = [
     "TinyTextEncoder",
     "build_tiny",
     "tokenize",
+    "tokenize_words",
     "vermeer_register",
 ]
 
@@ -45,6 +55,12 @@ class TinyTextConfig(ComponentConfig):
         description="longest token sequence, BOS and EOS included; longer captions lose their trailing bytes",
     )
     mlp_ratio: float = Field(4.0, gt=0, description="hidden width of each MLP as a multiple of dim")
+    tokens: Literal["bytes", "words"] = Field(
+        "bytes", description="'bytes' (UTF-8 bytes) or 'words' (lower-cased words hashed into word_buckets ids)"
+    )
+    word_buckets: int = Field(
+        4096, ge=16, description="hash buckets of tokens: words (distinct words may share one; rarer as it grows)"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> TinyTextConfig:
@@ -82,6 +98,30 @@ def tokenize(captions: Sequence[str], max_tokens: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
+_WORD = re.compile(r"[^\W_]+|[^\w\s]", re.UNICODE)
+
+
+def tokenize_words(captions: Sequence[str], max_tokens: int, buckets: int) -> tuple[Tensor, Tensor]:
+    """Word tokens ``[BOS, w..., EOS, PAD...]``: each lower-cased run of letters/digits, and
+    each punctuation mark, becomes ``crc32(word) % buckets``; BOS, EOS and PAD are ``buckets``,
+    ``buckets + 1`` and ``buckets + 2``. Same framing, truncation and return values as
+    :func:`tokenize`. CRC-32 is stable across processes and platforms (``hash`` is not)."""
+    if isinstance(captions, str):
+        raise TypeError("tokenize_words expects a sequence of captions, not one string; wrap it in a list")
+    pad, bos, eos = buckets + 2, buckets, buckets + 1
+    seqs = [
+        [zlib.crc32(w.encode("utf-8")) % buckets for w in _WORD.findall(c.lower())][: max_tokens - 2]
+        for c in captions
+    ]
+    width = max((len(q) for q in seqs), default=0) + 2
+    ids = torch.full((len(seqs), width), pad, dtype=torch.int64)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, q in enumerate(seqs):
+        ids[row, : len(q) + 2] = torch.tensor([bos, *q, eos], dtype=torch.int64)
+        mask[row, : len(q) + 2] = True
+    return ids, mask
+
+
 class _Block(nn.Module):
     """Pre-norm transformer layer: fused QKV projection, SDPA with a key padding mask."""
 
@@ -115,7 +155,8 @@ class TinyTextEncoder(nn.Module):
         self.config = config
         self.dim = config.dim
         self.max_tokens = config.max_tokens
-        self.embed = nn.Embedding(VOCAB, config.dim)
+        vocab = VOCAB if config.tokens == "bytes" else config.word_buckets + 3
+        self.embed = nn.Embedding(vocab, config.dim)
         self.pos = nn.Parameter(torch.zeros(config.max_tokens, config.dim))
         self.blocks = nn.ModuleList(
             _Block(config.dim, config.heads, config.mlp_ratio) for _ in range(config.depth)
@@ -125,7 +166,10 @@ class TinyTextEncoder(nn.Module):
         nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, captions: Sequence[str]) -> TextEmbedding:
-        ids, mask = tokenize(captions, self.max_tokens)
+        if self.config.tokens == "words":
+            ids, mask = tokenize_words(captions, self.max_tokens, self.config.word_buckets)
+        else:
+            ids, mask = tokenize(captions, self.max_tokens)
         device = self.embed.weight.device
         ids = ids.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True)

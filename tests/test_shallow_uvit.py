@@ -76,6 +76,28 @@ def test_fresh_core_is_the_identity():
     assert not torch.allclose(perturb(core)(x, cond, text), x)
 
 
+def test_open_gates_keep_the_core_the_identity_but_not_its_blocks():
+    core = make_core(gate_init=1.0)
+    x, cond, text = inputs()
+    assert torch.equal(core(x, cond, text), x)  # zero out_proj
+    tokens = torch.randn(2, GRID * GRID, 32)
+    ctx = torch.randn(2, TEXT_LEN, 32)
+    assert not torch.allclose(core.blocks[0](tokens, cond, ctx, text.mask), tokens)
+    gates = core.blocks[0].ada(torch.zeros(1, cond.shape[1])).view(9, 32)
+    assert gates[[2, 5, 8]].eq(1.0).all() and gates[[0, 1, 3, 4, 6, 7]].eq(0.0).all()
+    # and a gradient reaches the branch weights at the first step (adaLN-Zero gives them none)
+    core(x + 0, cond, text).sum().backward()
+    assert core.blocks[0].cross.kv.weight.grad is None or core.blocks[0].cross.kv.weight.grad.abs().sum() == 0
+    core.zero_grad()
+    core.out_proj.weight.data.normal_()
+    core(x, cond, text).sum().backward()
+    assert core.blocks[0].cross.kv.weight.grad.abs().sum() > 0
+    zero = make_core()
+    zero.out_proj.weight.data.normal_()
+    zero(x, cond, text).sum().backward()
+    assert zero.blocks[0].cross.kv.weight.grad.abs().sum() == 0
+
+
 def test_every_parameter_gets_a_gradient():
     core = perturb(make_core())
     x, cond, text = inputs()

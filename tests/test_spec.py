@@ -153,3 +153,22 @@ def test_lock_round_trip_and_hash():
     assert again == spec and spec_hash(again) == spec_hash(spec)
     other = parse_spec(apply_overrides(quickstart(), ["seed=1"]), get_registry())
     assert spec_hash(other) != spec_hash(spec)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
+def test_sample_prompts_of_synthetic_specs_are_captions_the_data_can_produce(path):
+    """A prompt asking for a word the dataset never shows (e.g. a "white" triangle) cannot
+    follow its caption; every prompt's words must appear in the data configuration's captions,
+    and it may name no more objects than a scene holds."""
+    from vermeer_plugins import synthetic as S
+
+    spec = load_spec(path, get_registry())
+    if spec.data.type != "synthetic":
+        pytest.skip("not a synthetic-data spec")
+    captions = [S.caption(S.scene(1, i, spec.data)) for i in range(2000)]
+    vocab = {w for c in captions for w in c.replace(",", " ").split()}
+    for prompt in spec.sampling.prompts:
+        unknown = set(prompt.replace(",", " ").split()) - vocab
+        assert not unknown, f"{path.name}: prompt {prompt!r} uses {sorted(unknown)}, never in its data"
+        objects = prompt.split().count("a") + sum(prompt.split().count(w) for w in ("two", "three")) * 2
+        assert objects <= spec.data.max_objects, f"{path.name}: {prompt!r} names more objects than a scene holds"

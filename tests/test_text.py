@@ -8,7 +8,7 @@ import torch
 
 from vermeer_core.interfaces import TextEmbedding
 from vermeer_core.plugins import get_registry
-from vermeer_plugins.text import BOS, EOS, PAD, TinyTextConfig, build_tiny, tokenize
+from vermeer_plugins.text import BOS, EOS, PAD, TinyTextConfig, build_tiny, tokenize, tokenize_words
 
 
 @pytest.fixture
@@ -85,3 +85,35 @@ def test_registry_builds_tiny() -> None:
     cfg = reg.parse("text_encoder", {"type": "tiny", "dim": 16, "heads": 2, "depth": 1})
     enc = reg.build(cfg, "text_encoder")
     assert enc.dim == 16 and enc([""]).pooled.shape == (1, 16)
+
+
+def test_tokenize_words_hashes_lower_cased_words_and_punctuation() -> None:
+    n = 4096
+    ids, mask = tokenize_words(["A red circle, a RED square", ""], max_tokens=64, buckets=n)
+    bos, eos, pad = n, n + 1, n + 2
+    assert ids.shape == (2, 9) and mask.tolist()[1] == [True, True] + [False] * 7
+    row = ids[0].tolist()
+    assert row[0] == bos and row[-1] == eos and ids[1, 2:].eq(pad).all()
+    words = row[1:-1]  # a red circle , a red square
+    assert words[0] == words[4] and words[1] == words[5]  # same word (any case), same id
+    assert len({words[0], words[1], words[2], words[3], words[6]}) == 5
+    assert all(0 <= w < n for w in words)
+    # stable across processes: CRC-32, not Python's salted hash()
+    assert ids.tolist() == tokenize_words(["a red circle, a red square", ""], 64, n)[0].tolist()
+    short, _ = tokenize_words(["one two three four"], max_tokens=4, buckets=n)
+    full, _ = tokenize_words(["one two"], max_tokens=64, buckets=n)
+    assert short.tolist() == full.tolist()  # keeps the first max_tokens - 2 words, ends in EOS
+
+
+def test_word_encoder_tells_the_synthetic_vocabulary_apart() -> None:
+    """Every word of the synthetic captions gets its own id at the default bucket count."""
+    from vermeer_plugins.synthetic import COLOURS, RELATIONS, SHAPES
+
+    words = {*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), "a", "small", "large", "two", "three", "and"}
+    words |= {w for r in RELATIONS for w in r.split()}
+    ids = tokenize_words([" ".join(sorted(words))], max_tokens=64, buckets=4096)[0][0, 1:-1]
+    assert len(set(ids.tolist())) == len(words)
+    enc = build_tiny(TinyTextConfig(dim=16, heads=2, depth=1, tokens="words"))
+    out = enc(["a large red circle", ""])
+    assert out.tokens.shape == (2, 6, 16) and out.mask.sum(1).tolist() == [6, 2]
+    assert enc.embed.num_embeddings == 4096 + 3

@@ -78,7 +78,7 @@ DEFAULT_PROMPTS = (
     "a large red circle",
     "a small blue square above a large yellow triangle",
     "two green circles",
-    "a small white triangle left of a large red square",
+    "a small pink triangle left of a large red square",
 )
 
 
