@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise levels uniform in log-SNR or in t (default: the spec's)")
     p.add_argument("--out", required=True, help="PNG path/URL (a grid when several prompts)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the checkpoint's file digests (sizes and metadata are still checked)")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("eval", help="score a checkpoint on held-out prompts: metrics JSON + pass/fail grid PNG")
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="CFG weight (default: eval.guidance, else sampling.guidance)")
     p.add_argument("--out", help="output directory (default: <run>/eval/<checkpoint name>); writes eval.json, grid.png")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the checkpoint's file digests (sizes and metadata are still checked)")
     p.set_defaults(func=_cmd_eval)
 
     from vermeer_core.data_cli import register as register_data
@@ -163,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write consolidated EMA weights + spec as safetensors")
     p.add_argument("checkpoint", help="checkpoint dir or run dir (newest checkpoint)")
     p.add_argument("--out", required=True, help="output .safetensors path/URL")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the checkpoint's file digests (sizes and metadata are still checked)")
     p.set_defaults(func=_cmd_export)
     return parser
 
@@ -216,7 +222,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from vermeer_core.sampling import generate, save_grid, save_png
 
     registry = get_plugins().registry
-    spec, model, stage = load_model(args.checkpoint, registry)
+    spec, model, stage = load_model(args.checkpoint, registry, verify=args.verify)
     device = _device(args.device)
     model.to(device)
     sampler_ref = spec.sampling.sampler
@@ -235,7 +241,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_out(checkpoint: str) -> str:
+def _eval_out(checkpoint: str, verify: bool = True) -> str:
     """Default output of ``vermeer eval``: ``<run>/eval/<step-N>`` for a checkpoint or run dir,
     ``<file>-eval`` beside an exported ``.safetensors``."""
     import posixpath
@@ -245,7 +251,7 @@ def _eval_out(checkpoint: str) -> str:
 
     if checkpoint.endswith(".safetensors"):
         return checkpoint[: -len(".safetensors")] + "-eval"
-    url = resolve_checkpoint(checkpoint).rstrip("/")
+    url = resolve_checkpoint(checkpoint, verify=verify).rstrip("/")
     parent, name = posixpath.split(url)
     run = posixpath.dirname(parent) if posixpath.basename(parent) == "checkpoints" else parent
     return join(run, "eval", name)
@@ -268,8 +274,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if name not in registry.names("metric"):
             raise SpecError("command line", [("--metric", f"unknown metric {name!r}; registered: {registry.names('metric')}")])
         metrics.append(registry.parse("metric", {"type": name}))
-    out = args.out or _eval_out(args.checkpoint)
-    spec, model, stage = load_model(args.checkpoint, registry)
+    out = args.out or _eval_out(args.checkpoint, args.verify)
+    spec, model, stage = load_model(args.checkpoint, registry, verify=args.verify)
     e = spec.eval
     device = _device(args.device)
     model.to(device)
@@ -295,7 +301,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from vermeer_core.inference import export_safetensors
 
-    info = export_safetensors(args.checkpoint, args.out, get_plugins().registry)
+    info = export_safetensors(args.checkpoint, args.out, get_plugins().registry, verify=args.verify)
     print(f"wrote {args.out}: {info['tensors']} tensors, stage {info['stage']}, {info['resolution']}px")
     return 0
 

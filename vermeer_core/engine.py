@@ -57,6 +57,7 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.verify_checkpoints",
     "train.max_bad_steps",
     "train.max_skipped_fraction",
     "sampling.*",
@@ -258,20 +259,41 @@ class Engine:
         return optim
 
     def _find_resume(self) -> tuple[str, dict[str, Any]] | None:
-        url = self.ckpt.latest()
-        if url is None:
+        """The newest usable committed checkpoint and its meta. Damaged ones (unreadable,
+        failing verification, unsafe metadata) are skipped, saying which and why, and rank 0
+        marks them REJECTED; when none is usable the run stops naming each and why."""
+        done = self.ckpt.committed()
+        if not done:
             return None
-        meta = self.ckpt.read_meta(url)
-        refused, allowed = spec_changes(meta["spec"], self.spec.model_dump(mode="json"))
-        if refused:
-            raise RunError(
-                f"{url} was written under a different spec; changed fields that a resume cannot "
-                f"take: {'; '.join(refused)}. Resume with the original spec ({join(self.out, 'spec.lock.yaml')}), "
-                "or start a new run with another --out"
-            )
-        if allowed:
-            self._say(f"resuming with changed fields (allowed): {', '.join(allowed)}")
-        return url, meta
+        rejected: list[tuple[str, str]] = []
+        for url in reversed(done):
+            reason = self.ckpt.inspect(url, digests=self.spec.train.verify_checkpoints)
+            if reason is not None:
+                self._say(f"checkpoint {url} cannot be used, skipping it: {reason}")
+                rejected.append((url, reason))
+                continue
+            meta = self.ckpt.read_meta(url)
+            refused, allowed = spec_changes(meta["spec"], self.spec.model_dump(mode="json"))
+            if refused:
+                raise RunError(
+                    f"{url} was written under a different spec; changed fields that a resume cannot "
+                    f"take: {'; '.join(refused)}. Resume with the original spec ({join(self.out, 'spec.lock.yaml')}), "
+                    "or start a new run with another --out"
+                )
+            if allowed:
+                self._say(f"resuming with changed fields (allowed): {', '.join(allowed)}")
+            if rejected and self.rank0:
+                for bad, why in rejected:
+                    self.ckpt.reject(bad, why)
+                self.ckpt.write_latest()
+                self._say(f"marked {len(rejected)} damaged checkpoint(s) REJECTED (removed by the next save); "
+                          f"resuming from the newest usable one, {url}")
+            self._barrier()
+            return url, meta
+        raise RunError(
+            f"{self.out} holds no usable checkpoint:\n  " + "\n  ".join(f"{u}: {r}" for u, r in rejected)
+            + "\nMove them away (or use another --out) to start over; nothing was changed"
+        )
 
     # --- the run -----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -302,6 +324,7 @@ class Engine:
             self.metrics.close()
         if self.rank0:
             self._plot_losses()
+            self.ckpt.write_latest()  # repairs a hint left pointing at a rejected checkpoint
         self._barrier()
 
     def _run_stage(

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-from vermeer_core.checkpoint import MARKER, Checkpointer
+from vermeer_core.checkpoint import MARKER, Checkpointer, dcp_errors
 from vermeer_core.errors import VermeerError
 from vermeer_core.io import atomic_write_bytes, join
 from vermeer_core.model import VermeerModel, replay
 from vermeer_core.registry import Registry
 from vermeer_core.spec import RunSpec, parse_spec
+from vermeer_core.trust import SafeReader
 
 __all__ = ["InferenceError", "resolve_checkpoint", "load_checkpoint", "load_model", "export_safetensors"]
 
@@ -24,19 +26,49 @@ class InferenceError(VermeerError):
     """A checkpoint or weights file cannot be used; the message says which and why."""
 
 
-def resolve_checkpoint(url: str) -> str:
-    """A committed checkpoint URL from a checkpoint dir, or a run dir (its newest checkpoint)."""
+#: checkpoints this process has inspected and found usable (``vermeer eval`` resolves twice)
+_USABLE: set[tuple[str, bool]] = set()
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _usable(url: str, verify: bool) -> str | None:
+    """Why the committed checkpoint at ``url`` cannot be used (see Checkpointer.inspect), or None."""
+    if (url, verify) in _USABLE:
+        return None
+    reason = Checkpointer(url).inspect(url, digests=verify)
+    if reason is None:
+        _USABLE.add((url, verify))
+    return reason
+
+
+def resolve_checkpoint(url: str, *, verify: bool = True, say: Callable[[str], None] = _stderr) -> str:
+    """A committed, intact checkpoint URL from a checkpoint dir, or from a run dir (its newest
+    usable checkpoint: damaged newer ones are skipped, saying why). ``verify`` checks file
+    digests; sizes, metadata and meta.json are checked always. Nothing is modified."""
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
         raise InferenceError(f"no such checkpoint or run directory: {url}")
     if fs.exists(f"{path.rstrip('/')}/{MARKER}"):
+        reason = _usable(url, verify)
+        if reason is not None:
+            raise InferenceError(f"checkpoint {url} cannot be used: {reason}")
         return url
     if fs.exists(f"{path.rstrip('/')}/meta.json"):
         raise InferenceError(f"{url} is an uncommitted (incomplete) checkpoint; use a committed one")
-    latest = Checkpointer(url).latest()
-    if latest is None:
+    done = Checkpointer(url).committed()
+    if not done:
         raise InferenceError(f"{url} holds no committed checkpoint (looked in {join(url, 'checkpoints')})")
-    return latest
+    rejected = []
+    for ckpt in reversed(done):
+        reason = _usable(ckpt, verify)
+        if reason is None:
+            return ckpt
+        say(f"skipping checkpoint {ckpt}: {reason}")
+        rejected.append(f"{ckpt}: {reason}")
+    raise InferenceError(f"{url} holds no usable checkpoint:\n  " + "\n  ".join(rejected))
 
 
 def _load_here(state: dict[str, Any], url: str) -> None:
@@ -44,15 +76,17 @@ def _load_here(state: dict[str, Any], url: str) -> None:
     process group); DCP's warning that it assumes a single process is expected here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=FsspecReader(url), no_dist=True)
+        with dcp_errors(url):
+            dcp.load(state, storage_reader=SafeReader(url), no_dist=True)
 
 
-def load_checkpoint(url: str, registry: Registry, *, weights: str = "ema") -> tuple[RunSpec, VermeerModel, int]:
+def load_checkpoint(
+    url: str, registry: Registry, *, weights: str = "ema", verify: bool = True
+) -> tuple[RunSpec, VermeerModel, int]:
     """(spec, model with ``weights`` = "ema" or "model" loaded, stage) from a DCP checkpoint,
     in this process (no process group needed), whatever world size wrote it."""
-    url = resolve_checkpoint(url)
-    with fsspec.open(join(url, "meta.json"), "r") as f:
-        meta = json.load(f)
+    url = resolve_checkpoint(url, verify=verify)
+    meta = Checkpointer(url).read_meta(url)
     spec = parse_spec(meta["spec"], registry, source=join(url, "meta.json"))
     model = replay(spec, registry, meta["stage"])
     state = {weights: {k: v for k, v in model.state_dict().items()}}
@@ -69,11 +103,11 @@ def load_checkpoint(url: str, registry: Registry, *, weights: str = "ema") -> tu
     return spec, model, meta["stage"]
 
 
-def export_safetensors(url: str, out: str, registry: Registry) -> dict[str, Any]:
+def export_safetensors(url: str, out: str, registry: Registry, *, verify: bool = True) -> dict[str, Any]:
     """Consolidated EMA weights + the resolved spec (metadata) as one safetensors file."""
     from safetensors.torch import save
 
-    spec, model, stage = load_checkpoint(url, registry)
+    spec, model, stage = load_checkpoint(url, registry, verify=verify)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {"vermeer_spec": json.dumps(spec.model_dump(mode="json")), "stage": str(stage),
                 "resolution": str(model.resolution)}
@@ -81,7 +115,7 @@ def export_safetensors(url: str, out: str, registry: Registry) -> dict[str, Any]
     return {"tensors": len(tensors), "stage": stage, "resolution": model.resolution}
 
 
-def load_model(url: str, registry: Registry) -> tuple[RunSpec, VermeerModel, int]:
+def load_model(url: str, registry: Registry, *, verify: bool = True) -> tuple[RunSpec, VermeerModel, int]:
     """From a ``.safetensors`` export or a checkpoint/run directory."""
     if url.endswith(".safetensors"):
         from safetensors.torch import load
@@ -100,5 +134,5 @@ def load_model(url: str, registry: Registry) -> tuple[RunSpec, VermeerModel, int
         model = replay(spec, registry, stage)
         model.load_state_dict(load(blob))
         return spec, model, stage
-    return load_checkpoint(url, registry)
+    return load_checkpoint(url, registry, verify=verify)
 

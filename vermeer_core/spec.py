@@ -138,6 +138,10 @@ class TrainSpec(_Strict):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, ge=2)
+    verify_checkpoints: bool = Field(
+        True, description="on resume, check every checkpoint file against the digest its commit marker records "
+        "(off: sizes and metadata only, faster for very large checkpoints)",
+    )
     max_bad_steps: int = Field(
         5, gt=0, description="non-finite steps in a row that stop the run (counted across phases and stages)"
     )
