@@ -149,6 +149,7 @@ class Engine:
         self.skipped_steps = 0
         self.bad_in_row = 0
         self.phase_skipped = 0
+        self._lease: Any = None  # rank 0's Lease while run() runs
 
     # --- helpers -----------------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -235,6 +236,7 @@ class Engine:
             "skipped_steps": self.skipped_steps,
             "time": time.time(),
         }
+        self._check_lease()
         if self.metrics is not None:
             self.metrics.flush()  # records up to this checkpoint survive a kill (object stores)
         url = self.ckpt.save(step, state, meta, {"data": data.state_dict(), "stage": slot.stage})
@@ -295,8 +297,51 @@ class Engine:
             + "\nMove them away (or use another --out) to start over; nothing was changed"
         )
 
+    # --- the lease ---------------------------------------------------------------------------------
+    def _agree(self, ok: bool) -> bool:
+        """Whether every rank's ``ok`` is true (a MIN all-reduce; rank 0 decides about the lease)."""
+        if self.d.world_size == 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], device=self.d.device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _check_lease(self) -> None:
+        """Collective, before each checkpoint: rank 0 renews its lease now (besides the heartbeat
+        thread, so a process resumed after a long suspension notices before it writes), and
+        every rank stops if it was taken over."""
+        if self._lease is not None:
+            self._lease.renew()
+        lost = self._lease is not None and self._lease.lost
+        if not self._agree(not lost):
+            if self._lease is not None:
+                self._lease.check()
+            raise RunError(f"rank 0 lost the lease of {self.out}; stopping without writing")
+
     # --- the run -----------------------------------------------------------------------------------
     def run(self) -> None:
+        """Train under the run directory's lease (rank 0 holds it: one writer per ``out``)."""
+        from vermeer_core.lease import Lease, LeaseError
+
+        error: LeaseError | None = None
+        if self.rank0:
+            try:
+                self._lease = Lease(self.out, say=self._say)
+                self._lease.acquire()
+            except LeaseError as exc:
+                self._lease, error = None, exc
+        if not self._agree(error is None):
+            if error is not None:
+                raise error
+            raise RunError(f"rank 0 could not take the lease of {self.out}; see its message")
+        try:
+            self._run()
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+
+    def _run(self) -> None:
         spec = self.spec
         resume_from = self._find_resume() if self.resume == "auto" else None
         if resume_from is None and self.resume == "never" and self.ckpt.latest() is not None:
