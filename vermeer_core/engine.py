@@ -348,6 +348,7 @@ class Engine:
             raise RunError(
                 f"{self.out} already holds checkpoints; use --resume auto to continue it, or another --out"
             )
+        self._check_lease()  # still ours before the first write
         if self.rank0:
             atomic_write_text(join(self.out, "spec.lock.yaml"), dump_spec(spec))
         start = 0

@@ -129,17 +129,21 @@ def committed_steps(run: str | Path) -> list[int]:
 
 
 def consolidate(checkpoint: str | Path, tmp: str | Path) -> dict[str, Any]:
-    """All tensors of a DCP checkpoint as full (unsharded) tensors, read by torch's own
-    converter: an independent view of what was saved, whatever world size wrote it."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """All tensors of a DCP checkpoint as full (unsharded) tensors, read as torch's own
+    converter (``dcp_to_torch_save``) reads them: an independent view of what was saved,
+    whatever world size wrote it. Its ``.metadata`` goes through vermeer's restricted
+    unpickler, not ``pickle.load``. (``tmp`` is kept for compatibility; nothing is written.)"""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    checkpoint = Path(checkpoint)
-    out = Path(tmp) / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    from vermeer_core.trust import SafeReader
+
+    state: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP: "no process group, assuming a single process"
-        dcp_to_torch_save(str(checkpoint), str(out))
-    return torch.load(out, weights_only=False)
+        _load_state_dict(state, storage_reader=SafeReader(str(checkpoint)), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+    return state
 
 
 # --- running ------------------------------------------------------------------------------------
