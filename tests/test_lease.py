@@ -110,8 +110,8 @@ def test_run_that_lost_its_lease_stops_before_writing(spec: Path, tmp_path: Path
 
 
 def _files(out: Path) -> dict[str, int]:
-    """Files under ``out`` with their mtimes (the lease's flock guard file is not data)."""
-    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".lease.lock"}
+    """Files under ``out`` with their mtimes."""
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*")}
 
 
 def _other_host(lease_url: str, *, renewed_ago: float) -> None:

@@ -235,7 +235,7 @@ class Checkpointer:
             read_metadata_url(url)
             self.read_meta(url)
             for f in present:
-                if f.startswith("rank-") and f.endswith(".json"):
+                if f.startswith("rank-") and f.endswith(".json") and f[5:-5].isdigit():
                     self.read_rank_state(url, int(f[5:-5]))
 
     # --- load --------------------------------------------------------------------------------
@@ -263,8 +263,9 @@ class Checkpointer:
 
     def load(self, url: str, state: dict[str, Any]) -> None:
         """Collective: fill ``state`` (same structure as saved, possibly another sharding) in place."""
-        with dcp_errors(url):
-            dcp.load(state, storage_reader=SafeReader(url))
+        reader = SafeReader(url)
+        with dcp_errors(url, reader):
+            dcp.load(state, storage_reader=reader)
 
 
 def _files_at(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, int]:
@@ -286,7 +287,7 @@ def _json(data: bytes, where: str) -> Any:
 
 
 @contextmanager
-def dcp_errors(url: str) -> Iterator[None]:
+def dcp_errors(url: str, reader: SafeReader | None = None) -> Iterator[None]:
     """DCP loads as messages: a storage failure as :class:`~vermeer_core.io.StorageError`, our
     own errors (e.g. unsafe metadata) as they are, anything else DCP raises while reading (a
     truncated shard, a size mismatch) as :class:`CheckpointError` naming ``url``."""
@@ -296,6 +297,8 @@ def dcp_errors(url: str) -> Iterator[None]:
     except (VermeerError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+        if reader is not None and reader.failure is not None:
+            raise reader.failure from None
         failures = getattr(exc, "failures", None)
         cause = next(iter(failures.values())) if isinstance(failures, dict) and failures else exc
         cause = cause[0] if isinstance(cause, tuple) and cause else cause

@@ -76,8 +76,9 @@ def _load_here(state: dict[str, Any], url: str) -> None:
     process group); DCP's warning that it assumes a single process is expected here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        with dcp_errors(url):
-            dcp.load(state, storage_reader=SafeReader(url), no_dist=True)
+        reader = SafeReader(url)
+        with dcp_errors(url, reader):
+            dcp.load(state, storage_reader=reader, no_dist=True)
 
 
 def load_checkpoint(

@@ -5,7 +5,7 @@ interleave their metrics, so ``<run>/lease.json`` (holder host, pid, start time,
 a random token) is created atomically, never overwritten blindly:
 
 * local disks: ``O_CREAT | O_EXCL``; takeover, renewal and release run under ``flock`` of
-  ``<run>/.lease.lock`` and re-read the file first, so two contenders cannot both win;
+  the run directory itself and re-read the file first, so two contenders cannot both win;
 * ``gs://``: object writes with a generation precondition (``ifGenerationMatch=0`` to create,
   ``=<generation read>`` to take over or renew), so the store itself arbitrates;
 * other fsspec filesystems (memory://, ...): the same protocol without atomicity (best effort).
@@ -38,7 +38,6 @@ from vermeer_core.io import is_local_fs, join, storage_errors
 __all__ = ["Lease", "LeaseError", "LeaseHeld", "LeaseLost", "Holder", "LEASE_FILE", "default_ttl"]
 
 LEASE_FILE = "lease.json"
-_LOCK_FILE = ".lease.lock"
 
 
 class LeaseError(VermeerError):
@@ -136,7 +135,6 @@ class _Backend:
 class _LocalBackend(_Backend):
     def __init__(self, path: str) -> None:
         self.path = path
-        self.lock = os.path.join(os.path.dirname(path), _LOCK_FILE)
 
     def create(self, data: bytes) -> Any:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -177,8 +175,9 @@ class _LocalBackend(_Backend):
     def guard(self) -> Iterator[None]:
         import fcntl
 
-        os.makedirs(os.path.dirname(self.lock), exist_ok=True)
-        fd = os.open(self.lock, os.O_CREAT | os.O_RDWR, 0o644)
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)  # flock works on a directory: no lock file to leave behind
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -124,14 +124,22 @@ def read_metadata_url(url: str) -> Metadata:
 
 class SafeReader(FsspecReader):
     """torch's fsspec DCP reader with ``read_metadata`` replaced by :func:`load_metadata`
-    (the rest, tensor reads with ``weights_only=True``, is torch's)."""
+    (the rest, tensor reads with ``weights_only=True``, is torch's). DCP folds a failure here
+    into an AssertionError of its own; ``failure`` keeps ours for the message."""
+
+    failure: CheckpointError | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
         path = self._get_metadata_path(rank)
         with self.fs.create_stream(path, "rb") as f:
             data = f.read()
-        md = load_metadata(data, str(path))
+        try:
+            md = load_metadata(data, str(path))
+        except CheckpointError as exc:
+            if self.failure is None:
+                self.failure = exc
+            raise
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id  # as torch's read_metadata does
