@@ -45,7 +45,7 @@ __all__ = ["Checkpointer", "CheckpointError", "MARKER", "REJECTED", "META_KEYS",
 
 MARKER = "COMMITTED"
 REJECTED = "REJECTED"
-#: meta.json entries that every reader of a checkpoint relies on
+#: meta.json entries the engine writes and resume relies on (``Checkpointer(meta_keys=...)``)
 META_KEYS = ("step", "stage", "phase", "phase_name", "step_in_phase", "spec", "world_size", "optim_names")
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -64,8 +64,11 @@ def _fault(point: str, step: int) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_url: str, *, keep: int = 2, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, run_url: str, *, keep: int = 2, rank: int = 0, world_size: int = 1, meta_keys: tuple[str, ...] = ()
+    ) -> None:
         self.root = join(run_url, "checkpoints")
+        self.meta_keys = meta_keys  # meta.json entries a checkpoint must have to be usable
         self.keep = keep
         self.rank = rank
         self.world_size = world_size
@@ -240,11 +243,13 @@ class Checkpointer:
 
     # --- load --------------------------------------------------------------------------------
     def read_meta(self, url: str) -> dict[str, Any]:
-        """meta.json, checked to be a JSON object with :data:`META_KEYS` (else CheckpointError)."""
+        """meta.json, checked to be a JSON object with ``meta_keys`` (else CheckpointError)."""
         u = join(url, "meta.json")
         with storage_errors(u, "read"), fsspec.open(u, "rb") as f:
             meta = _json(f.read(), u)
-        missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{u} is damaged (not a JSON object)", url)
+        missing = [k for k in self.meta_keys if k not in meta]
         if missing:
             raise CheckpointError(f"{u} is damaged (missing {', '.join(missing)})", url)
         return meta

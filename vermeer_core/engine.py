@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from vermeer_core.checkpoint import Checkpointer
+from vermeer_core.checkpoint import META_KEYS, Checkpointer
 from vermeer_core.diffusion import diffusion_loss
 from vermeer_core.distributed import DistInfo, parallelize
 from vermeer_core.ema import EMA
@@ -128,7 +128,8 @@ class Engine:
         self.rank0 = dist_info.rank == 0
         self.slots = step_table(spec, self.registry)
         self.total = self.slots[-1].end
-        self.ckpt = Checkpointer(out, keep=spec.train.keep_checkpoints, rank=dist_info.rank, world_size=dist_info.world_size)
+        self.ckpt = Checkpointer(out, keep=spec.train.keep_checkpoints, rank=dist_info.rank,
+                                 world_size=dist_info.world_size, meta_keys=META_KEYS)
         self.bf16 = spec.train.precision == "bf16"
         self.schedule = self.registry.build(spec.diffusion.schedule, "noise_schedule")
         self.sampler = self.registry.build(spec.sampling.sampler, "sampler")

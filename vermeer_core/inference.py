@@ -26,6 +26,8 @@ class InferenceError(VermeerError):
     """A checkpoint or weights file cannot be used; the message says which and why."""
 
 
+#: meta.json entries inference reads
+_META_KEYS = ("spec", "stage")
 #: checkpoints this process has inspected and found usable (``vermeer eval`` resolves twice)
 _USABLE: set[tuple[str, bool]] = set()
 
@@ -38,7 +40,7 @@ def _usable(url: str, verify: bool) -> str | None:
     """Why the committed checkpoint at ``url`` cannot be used (see Checkpointer.inspect), or None."""
     if (url, verify) in _USABLE:
         return None
-    reason = Checkpointer(url).inspect(url, digests=verify)
+    reason = Checkpointer(url, meta_keys=_META_KEYS).inspect(url, digests=verify)
     if reason is None:
         _USABLE.add((url, verify))
     return reason
@@ -87,7 +89,7 @@ def load_checkpoint(
     """(spec, model with ``weights`` = "ema" or "model" loaded, stage) from a DCP checkpoint,
     in this process (no process group needed), whatever world size wrote it."""
     url = resolve_checkpoint(url, verify=verify)
-    meta = Checkpointer(url).read_meta(url)
+    meta = Checkpointer(url, meta_keys=_META_KEYS).read_meta(url)
     spec = parse_spec(meta["spec"], registry, source=join(url, "meta.json"))
     model = replay(spec, registry, meta["stage"])
     state = {weights: {k: v for k, v in model.state_dict().items()}}
