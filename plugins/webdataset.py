@@ -54,18 +54,8 @@ from pydantic import Field
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vermeer_core.api import (
-    Batch,
-    ComponentConfig,
-    DataError,
-    hookimpl,
-    iter_shard,
-    load_image,
-    RawSample,
-    register_fsspec_openers,
-    resolve_shards,
-    ShardError,
-)
+from vermeer_core.api import Batch, ComponentConfig, DataError, hookimpl
+from vermeer_plugins.shards import RawSample, ShardError, iter_shard, load_image, register_fsspec_openers, resolve_shards
 
 __all__ = ["REASONS", "WebDatasetConfig", "WebDatasetStream", "build_webdataset", "vermeer_register"]
 
@@ -466,3 +456,13 @@ def build_webdataset(
 @hookimpl
 def vermeer_register(registry: Any) -> None:
     registry.add("dataset", "webdataset", build_webdataset, WebDatasetConfig)
+
+
+@hookimpl
+def vermeer_data_commands(subparsers: Any) -> None:
+    """``vermeer data inspect`` (summarise shards) and ``from-folder`` (a folder of captioned
+    images as shards)."""
+    from vermeer_plugins.data_commands import add_from_folder, add_inspect
+
+    add_inspect(subparsers)
+    add_from_folder(subparsers)
