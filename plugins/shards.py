@@ -25,6 +25,7 @@ import posixpath
 import tarfile
 import tempfile
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -334,7 +335,9 @@ def load_image(
     area average.
     """
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL warns above its own limit; ours is max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # PIL's own limit (2x its MAX_IMAGE_PIXELS)
         raise ImageTooLarge(str(exc)) from None
     with im:
@@ -500,6 +503,8 @@ def inspect_shards(
                     if len(thumbs) < n:
                         thumbs.append(load_image(raw.files[ext], thumb))
                         captions.append(text.decode("utf-8", "replace").strip() if text else "")
+                except ImageTooLarge:
+                    problems["oversized_image"] += 1
                 except Exception:  # noqa: BLE001 - any decoder failure means the same to the user
                     problems["undecodable_image"] += 1
         except ShardError as exc:
