@@ -1,6 +1,6 @@
 """Data loading throughput: decode + resize + centre-crop of webdataset JPEG shards at 256² and 1024².
 
-Shards are written in the benchmark's setup by :func:`vermeer_core.datatools.synth_shards`: the
+Shards are written in the benchmark's setup by :func:`vermeer_plugins.synthetic_shards.synth_shards`: the
 synthetic scenes as JPEG (quality 95) at a source size larger than the target, as photos are
 (512 px for the 256 target, so JPEG draft decoding can halve the work; 1280 px for 1024, where
 it cannot). Per image, side by side (one group per resolution):
@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from benchlib import compare
-from vermeer_core.datatools import iter_shard, load_image, resolve_shards, synth_shards
+from vermeer_plugins.shards import iter_shard, load_image, resolve_shards
+from vermeer_plugins.synthetic_shards import synth_shards
 from vermeer_plugins import synthetic
 from vermeer_plugins.webdataset import WebDatasetConfig, build_webdataset
 

@@ -384,3 +384,11 @@ def build_synthetic(
 @hookimpl
 def vermeer_register(registry: Any) -> None:
     registry.add("dataset", "synthetic", build_synthetic, SyntheticConfig)
+
+
+@hookimpl
+def vermeer_data_commands(subparsers: Any) -> None:
+    """``vermeer data synth``: this dataset's scenes written as shards."""
+    from vermeer_plugins.data_commands import add_synth
+
+    add_synth(subparsers)

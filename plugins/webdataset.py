@@ -32,10 +32,21 @@ epoch; the unread rest of the interrupted epoch is skipped (in ``resample`` mode
 i.i.d., so the statistics are unchanged). A warning says so.
 
 **Corrupt data** (a truncated or damaged tar, an image that does not decode, a sample without
-image or caption, a shard that cannot be opened) is skipped, logged with the shard URL and
+image or caption, a shard that cannot be opened, an image member over ``max_image_bytes`` or a
+caption over ``max_caption_bytes`` (never read: the tar header gives the size), an image whose
+header declares more than ``max_pixels`` pixels (refused before decoding: decompression bombs))
+is skipped, logged with the shard URL and
 counted by reason (:meth:`WebDatasetStream.stats`, logged by the engine as ``data_<reason>``).
 More than ``max_corrupt + max_corrupt_fraction * samples_read`` problems on a rank raise
-:class:`~vermeer_core.errors.DataError` naming the worst shards.
+:class:`~vermeer_core.errors.DataError` naming the worst shards. Images whose shorter side is
+below ``min_image_size`` are a filter, not damage: counted as ``filtered_small``, outside the
+budget (img2dataset's ``.json`` and other members are not read at all).
+
+**Layouts.** Any webdataset tar shards: ``vermeer data synth`` / ``from-folder`` output, and
+img2dataset's (``00000.tar`` with ``000000000.jpg/.txt/.json``; the ``.parquet`` and
+``_stats.json`` files beside the tars are not shards and are ignored when ``urls`` is a
+directory). Image modes are converted by :func:`vermeer_plugins.shards.to_rgb` (16-bit scaled,
+transparency over white).
 """
 
 from __future__ import annotations
@@ -54,17 +65,17 @@ from pydantic import Field
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vermeer_core.api import (
-    Batch,
-    ComponentConfig,
-    DataError,
-    hookimpl,
+from vermeer_core.api import Batch, ComponentConfig, DataError, hookimpl
+from vermeer_plugins.shards import (
+    DEFAULT_MAX_PIXELS,
+    ImageTooLarge,
+    ImageTooSmall,
+    RawSample,
+    ShardError,
     iter_shard,
     load_image,
-    RawSample,
     register_fsspec_openers,
     resolve_shards,
-    ShardError,
 )
 
 __all__ = ["REASONS", "WebDatasetConfig", "WebDatasetStream", "build_webdataset", "vermeer_register"]
@@ -74,7 +85,7 @@ log = logging.getLogger(__name__)
 #: Why a sample or shard was skipped; every one is a key of :meth:`WebDatasetStream.stats`.
 REASONS: tuple[str, ...] = (
     "truncated_tar", "unreadable_shard", "missing_image", "missing_caption", "undecodable_caption",
-    "undecodable_image",
+    "undecodable_image", "oversized_image", "oversized_member",
 )
 _STATE_VERSION = 1
 _WORST = 20  # shards named in a state / an error (the ones with the most problems)
@@ -109,6 +120,17 @@ class WebDatasetConfig(ComponentConfig):
         description="allowed = max_corrupt + this x samples read; more raise a DataError naming the shards",
     )
     jpeg_draft: bool = Field(True, description="decode large JPEGs at a reduced DCT scale (faster, same look)")
+    max_pixels: int | None = Field(
+        DEFAULT_MAX_PIXELS, ge=1,
+        description="refuse images whose header declares more pixels (before decoding; counted oversized_image); "
+        "null: no limit",
+    )
+    max_image_bytes: int = Field(64 << 20, ge=1, description="image members larger than this are skipped unread "
+                                 "(counted oversized_member)")
+    max_caption_bytes: int = Field(64 << 10, ge=1, description="caption members larger than this are skipped unread "
+                                   "(counted oversized_member)")
+    min_image_size: int = Field(0, ge=0, description="skip images whose shorter side is smaller (counted "
+                                "filtered_small, not corrupt)")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="passed to fsspec for remote URLs (e.g. {token: anon, project: p})"
     )
@@ -149,7 +171,12 @@ class _Plan:
     def fresh(self, epoch: int = 0) -> dict[str, Any]:
         """The position of a stream at the start of ``epoch``, with no problems counted."""
         return {"head": {"epoch": epoch, "chunk": 0, "next_shard": 0, "open": []}, "emitted": 0,
-                "read": 0, "problems": {}, "shards": {}}
+                "read": 0, "problems": {}, "shards": {}, "filtered": 0}
+
+    def members(self) -> dict[str, int]:
+        """The tar members read (extension -> byte limit): the images and the caption."""
+        cfg = self.config
+        return {**{k: cfg.max_image_bytes for k in cfg.image_keys}, cfg.caption_key: cfg.max_caption_bytes}
 
 
 def _over_budget(config: WebDatasetConfig, problems: int, read: int) -> bool:
@@ -181,10 +208,11 @@ class _Stream:
         self.read = int(state["read"])
         self.problems: Counter[str] = Counter(state["problems"])
         self.shards: Counter[str] = Counter(state["shards"])
+        self.filtered = int(state.get("filtered", 0))
 
     def state(self) -> dict[str, Any]:
         return {"head": self.start, "emitted": self.emitted, "read": self.read, "problems": dict(self.problems),
-                "shards": dict(self.shards.most_common(_WORST))}
+                "shards": dict(self.shards.most_common(_WORST)), "filtered": self.filtered}
 
     def bad(self, reason: str, url: str, detail: str, quiet: bool = False) -> None:
         """Log and count one problem; ``quiet``: re-reading a chunk after resuming, whose
@@ -201,6 +229,11 @@ class _Stream:
     def _check(self, raw: RawSample, url: str, quiet: bool) -> tuple[str, bytes, str] | None:
         """(key, image bytes, caption), or None after counting why the sample is unusable."""
         cfg = self.plan.config
+        if raw.oversized:
+            what = ", ".join(f".{k} of {v} bytes" for k, v in raw.oversized.items())
+            self.bad("oversized_member", url, f"sample {raw.key}: {what} (limits: max_image_bytes "
+                     f"{cfg.max_image_bytes}, max_caption_bytes {cfg.max_caption_bytes})", quiet)
+            return None
         image = next((raw.files[k] for k in cfg.image_keys if k in raw.files), None)
         if image is None:
             self.bad("missing_image", url, f"sample {raw.key} has none of {list(cfg.image_keys)}", quiet)
@@ -220,7 +253,9 @@ class _Stream:
         """(url, key, image bytes, caption) forever, resuming at the saved position."""
         head = json.loads(json.dumps(self.start))
         share = self.plan.share(head["epoch"], self.stream)
-        cursors = [[pos, off, iter_shard(share[pos], offset=off, storage_options=self.plan.config.storage_options)]
+        members = self.plan.members()
+        cursors = [[pos, off, iter_shard(share[pos], offset=off, storage_options=self.plan.config.storage_options,
+                                         members=members)]
                    for pos, off in head["open"]]
         skip = self.emitted  # a partly emitted chunk is re-read quietly and its head skipped
         # Usable samples in this epoch, known only when it was read from its start here.
@@ -262,7 +297,8 @@ class _Stream:
         while len(chunk) < cfg.shuffle_buffer:
             while len(cursors) < cfg.interleave and head["next_shard"] < len(share):
                 pos = head["next_shard"]
-                cursors.append([pos, 0, iter_shard(share[pos], storage_options=cfg.storage_options)])
+                cursors.append([pos, 0, iter_shard(share[pos], storage_options=cfg.storage_options,
+                                                   members=self.plan.members())])
                 head["next_shard"] += 1
             if not cursors:
                 break
@@ -296,7 +332,14 @@ def _batches(plan: _Plan, stream: int, state: dict[str, Any]) -> Iterator[tuple[
     try:
         for url, key, image, caption in st.items():
             try:
-                slots[len(captions)] = load_image(image, r, draft=plan.config.jpeg_draft)
+                slots[len(captions)] = load_image(image, r, draft=plan.config.jpeg_draft,
+                                                  max_pixels=plan.config.max_pixels, min_size=plan.config.min_image_size)
+            except ImageTooSmall:
+                st.filtered += 1
+                continue
+            except ImageTooLarge as exc:
+                st.bad("oversized_image", url, f"sample {key}: {exc} (data.max_pixels)")
+                continue
             except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, the image is unusable
                 st.bad("undecodable_image", url, f"sample {key}: {type(exc).__name__}: {exc}")
                 continue
@@ -408,11 +451,12 @@ class WebDatasetStream:
             raise DataError(_budget_message(self.config, self._plan.rank, problems, read, shards))
 
     def stats(self) -> dict[str, int]:
-        """Problems by reason (every key of :data:`REASONS`), ``corrupt`` (their sum),
+        """Problems by reason (every key of :data:`REASONS`), ``corrupt`` (their sum), ``filtered_small``,
         ``samples_read`` and ``epoch`` (the least advanced stream's) on this rank."""
         problems, read, _ = self._totals()
         out = {reason: int(problems.get(reason, 0)) for reason in REASONS}
         out["corrupt"] = sum(out.values())
+        out["filtered_small"] = sum(int(s.get("filtered", 0)) for s in self._states)
         out["samples_read"] = read
         out["epoch"] = min(s["head"]["epoch"] for s in self._states)
         return out
@@ -466,3 +510,13 @@ def build_webdataset(
 @hookimpl
 def vermeer_register(registry: Any) -> None:
     registry.add("dataset", "webdataset", build_webdataset, WebDatasetConfig)
+
+
+@hookimpl
+def vermeer_data_commands(subparsers: Any) -> None:
+    """``vermeer data inspect`` (summarise shards) and ``from-folder`` (a folder of captioned
+    images as shards)."""
+    from vermeer_plugins.data_commands import add_from_folder, add_inspect
+
+    add_inspect(subparsers)
+    add_from_folder(subparsers)

@@ -238,7 +238,7 @@ PATTERN = "shards/shard-{000000..000001}.tar"
 
 def _synth(gcs: GCS) -> str:
     """16 samples (16 px) in two shards on gs://, written in-process (the CLI: see the training test)."""
-    from vermeer_core.datatools import synth_shards
+    from vermeer_plugins.synthetic_shards import synth_shards
 
     synth_shards(gcs.url("shards"), 16, 16, shard_size=8)
     return gcs.url(PATTERN)

@@ -17,10 +17,11 @@ import torch
 from webdataset import TarWriter
 
 from vermeer_core import data_cli
-from vermeer_core.datatools import ShardError, iter_shard, resolve_shards
 from vermeer_core.errors import DataError
 from vermeer_core.interfaces import DataStream
+from vermeer_core.plugins import get_plugins
 from vermeer_plugins import synthetic
+from vermeer_plugins.shards import ShardError, iter_shard, resolve_shards
 from vermeer_plugins.webdataset import REASONS, WebDatasetConfig, WebDatasetStream, build_webdataset
 
 N_SHARDS, PER_SHARD, RES, SEED = 8, 6, 24, 3
@@ -31,7 +32,7 @@ N = N_SHARDS * PER_SHARD
 def shard_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wds") / "shards"
     parser = argparse.ArgumentParser()
-    data_cli.register(parser.add_subparsers())
+    data_cli.register(parser.add_subparsers(), get_plugins().manager)
     args = parser.parse_args(["data", "synth", "--out", str(out), "--n", str(N), "--resolution", str(RES),
                               "--shard-size", str(PER_SHARD), "--seed", str(SEED)])
     assert args.func(args) == 0

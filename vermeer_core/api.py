@@ -12,17 +12,10 @@ growth policy (what ``prev`` holds, transfers, phases) in :class:`GrowthPolicy`.
 
 from __future__ import annotations
 
-from vermeer_core.datatools import (
-    RawSample,
-    ShardError,
-    iter_shard,
-    load_image,
-    register_fsspec_openers,
-    resolve_shards,
-)
 from vermeer_core.diffusion import alpha_sigma, noise_like
 from vermeer_core.errors import DataError, VermeerError
 from vermeer_core.hookspecs import hookimpl
+from vermeer_core.io import LOCAL_PROTOCOLS, StorageError, atomic_write_bytes, is_local_fs, is_local_url, storage_errors
 from vermeer_core.interfaces import (
     AttentionFactory,
     AttentionFn,
@@ -51,6 +44,7 @@ from vermeer_core.interfaces import (
 from vermeer_core.model import CORE_MODULES, GrowthContext, ModelBuilder, VermeerModel
 from vermeer_core.phases import ALIASES, ParamGroup, PhaseConfig, PhaseError, TrainableEntry, check_phase_names
 from vermeer_core.registry import ComponentConfig, Registry
+from vermeer_core.sampling import save_grid
 from vermeer_core.spec import RunSpec
 from vermeer_core.transfer import Transfer, TransferError, TransferMap
 
@@ -100,13 +94,15 @@ __all__ = [
     "TextEncoderFactory",
     # helpers components share
     "DataError",
-    "RawSample",
-    "ShardError",
     "VermeerError",
     "alpha_sigma",
-    "iter_shard",
-    "load_image",
     "noise_like",
-    "register_fsspec_openers",
-    "resolve_shards",
+    "save_grid",
+    # storage through fsspec (shard readers/writers: vermeer_plugins.shards)
+    "LOCAL_PROTOCOLS",
+    "StorageError",
+    "atomic_write_bytes",
+    "is_local_fs",
+    "is_local_url",
+    "storage_errors",
 ]

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vermeer_core.data_cli import register as register_data
 
-    register_data(sub)
+    register_data(sub, get_plugins().manager)  # `vermeer data` actions come from plugins
 
     p = sub.add_parser("export", help="write consolidated EMA weights + spec as safetensors")
     p.add_argument("checkpoint", help="checkpoint dir or run dir (newest checkpoint)")
@@ -307,7 +307,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     import torch
     from torch import nn
 
@@ -39,6 +41,7 @@ __all__ = [
     "vermeer_step_end",
     "vermeer_phase_end",
     "vermeer_checkpoint_saved",
+    "vermeer_data_commands",
 ]
 
 
@@ -117,4 +120,19 @@ def vermeer_checkpoint_saved(url: str, step: int) -> None:
 
     Use it to copy or announce checkpoints; the checkpoint is complete and will not change.
     Return value ignored.
+    """
+
+
+@hookspec
+def vermeer_data_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add this plugin's ``vermeer data <ACTION>`` commands (as tox's ``tox_add_option``).
+
+    ``subparsers`` is the ``data`` command's ``argparse`` sub-parser collection: call
+    ``p = subparsers.add_parser(name, help=...)``, add arguments, and
+    ``p.set_defaults(func=handler)`` where ``handler(args: argparse.Namespace) -> int`` returns
+    the exit status (0 = success). A handler reports a user error by raising
+    :class:`~vermeer_core.errors.VermeerError` (e.g. ``DataError``): the CLI prints its message,
+    no traceback, and exits 1. Called once per CLI invocation for each plugin, in registration
+    order (built-ins first); a name another plugin already added is an error naming both.
+    Import heavy dependencies inside the handler, not here. Returns nothing.
     """

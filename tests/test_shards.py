@@ -1,4 +1,5 @@
-"""Shard tools: `vermeer data synth` / `inspect`, shard listing, the tar reader, image decoding."""
+"""Shard tools (vermeer_plugins.shards): `vermeer data synth` / `inspect`, shard listing, the tar reader,
+image decoding, shard writing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import pytest
 from PIL import Image
 
 from vermeer_core import data_cli
-from vermeer_core.datatools import (
+from vermeer_core.errors import DataError
+from vermeer_core.plugins import get_plugins
+from vermeer_plugins import synthetic
+from vermeer_plugins.shards import (
     ShardError,
     fsspec_gopen,
     inspect_shards,
@@ -22,16 +26,14 @@ from vermeer_core.datatools import (
     load_image,
     register_fsspec_openers,
     resolve_shards,
-    synth_shards,
 )
-from vermeer_core.errors import DataError
-from vermeer_plugins import synthetic
+from vermeer_plugins.synthetic_shards import synth_shards
 
 
 def run_cli(*argv: str) -> int:
     """``vermeer data ...`` through :func:`data_cli.register` on a parser of our own."""
     parser = argparse.ArgumentParser(prog="vermeer")
-    data_cli.register(parser.add_subparsers(dest="command", required=True))
+    data_cli.register(parser.add_subparsers(dest="command", required=True), get_plugins().manager)
     args = parser.parse_args(list(argv))
     return args.func(args)
 

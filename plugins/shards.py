@@ -1,5 +1,9 @@
 """Webdataset tar shards on any fsspec filesystem: find, read, decode, write and inspect them.
 
+Shared by the built-in data plugins (``webdataset`` reads shards, ``synthetic`` and
+``from-folder`` write them); it lives with the plugins, not in ``vermeer_core``, because only
+they use tar shards. It imports nothing from vermeer but :mod:`vermeer_core.api`.
+
 A shard is an uncompressed tar whose members ``<key>.<ext>`` form samples: consecutive members
 with the same key (webdataset's convention), e.g. ``00000042.png`` + ``00000042.txt``. Reading
 goes through fsspec (local paths, ``memory://``, ``gs://`` via gcsfs, ...), never through
@@ -21,9 +25,10 @@ import posixpath
 import tarfile
 import tempfile
 import uuid
+import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import fsspec
@@ -33,12 +38,16 @@ import torch.nn.functional as F
 from braceexpand import braceexpand
 from PIL import Image
 
-from vermeer_core.errors import DataError
-from vermeer_core.io import LOCAL_PROTOCOLS, is_local_fs, is_local_url, storage_errors
+from vermeer_core.api import LOCAL_PROTOCOLS, DataError, is_local_fs, is_local_url, save_grid, storage_errors
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_FORMATS",
+    "ImageTooLarge",
+    "ImageTooSmall",
     "RawSample",
     "ShardError",
+    "encode_image",
     "fsspec_gopen",
     "inspect_shards",
     "iter_shard",
@@ -46,7 +55,8 @@ __all__ = [
     "open_shard",
     "register_fsspec_openers",
     "resolve_shards",
-    "synth_shards",
+    "to_rgb",
+    "write_shards",
 ]
 
 _BLOCK = 512  # tar block size
@@ -162,12 +172,15 @@ def _existing(urls: list[str], pattern: str, opts: dict[str, Any]) -> list[str]:
 class RawSample:
     """One sample as stored: ``files`` maps each lower-case extension ("jpg", "txt",
     "seg.png") to its bytes. ``offset`` is the byte offset of its first tar header and
-    ``next_offset`` where the following sample starts (reopen there to continue)."""
+    ``next_offset`` where the following sample starts (reopen there to continue).
+    ``oversized`` maps the extensions of members that were over their byte limit (and so not
+    read, and absent from ``files``) to their size."""
 
     key: str
     files: dict[str, bytes]
     offset: int
     next_offset: int
+    oversized: dict[str, int] = field(default_factory=dict)
 
 
 class ShardError(Exception):
@@ -193,13 +206,21 @@ def _split_name(name: str) -> tuple[str, str] | None:
 
 
 def iter_shard(
-    url: str, *, offset: int = 0, storage_options: dict[str, Any] | None = None, read_data: bool = True
+    url: str,
+    *,
+    offset: int = 0,
+    storage_options: dict[str, Any] | None = None,
+    read_data: bool = True,
+    members: Mapping[str, int] | None = None,
 ) -> Iterator[RawSample]:
     """The samples of shard ``url`` from byte ``offset`` (a sample boundary), in order.
 
     Raises :class:`ShardError` when the shard cannot be opened or is truncated/damaged; the
     sample being read then (possibly incomplete) is never yielded. ``read_data=False`` yields
-    empty bytes for each member (counting without reading image data).
+    empty bytes for each member (counting without reading image data). ``members`` maps the
+    extensions to read to their byte limit: other members are skipped unread (tar headers give
+    their size, so nothing is read whole that is not wanted), and a member over its limit is
+    recorded in :attr:`RawSample.oversized` instead of being read. None reads every member.
     """
     try:
         f = open_shard(url, storage_options)
@@ -212,6 +233,7 @@ def iter_shard(
             tar = tarfile.open(fileobj=f, mode="r:")
             key: str | None = None
             files: dict[str, bytes] = {}
+            oversized: dict[str, int] = {}
             start = offset
             while (member := tar.next()) is not None:
                 where = member.offset
@@ -222,13 +244,20 @@ def iter_shard(
                     continue
                 if parts[0] != key:
                     if key is not None:
-                        yield RawSample(key, files, start, member.offset)
-                    key, files, start = parts[0], {}, member.offset
+                        yield RawSample(key, files, start, member.offset, oversized)
+                    key, files, oversized, start = parts[0], {}, {}, member.offset
+                ext = parts[1]
+                limit = None if members is None else members.get(ext)
+                if members is not None and limit is None:
+                    continue  # not wanted: tarfile seeks over its data
+                if limit is not None and member.size > limit:
+                    oversized[ext] = member.size
+                    continue
                 data = b""
                 if read_data:
                     src = tar.extractfile(member)
                     data = src.read() if src is not None else b""
-                files[parts[1]] = data
+                files[ext] = data
             # tarfile stops silently at a missing or damaged header: only a zero block is a
             # real end of archive. Check it before yielding the last sample, which may be cut.
             where = tar.offset
@@ -237,7 +266,7 @@ def iter_shard(
             if len(end) < _BLOCK or end.count(0) != _BLOCK:
                 raise tarfile.ReadError("no end-of-archive block (truncated or damaged)")
             if key is not None:
-                yield RawSample(key, files, start, tar.offset)
+                yield RawSample(key, files, start, tar.offset, oversized)
         except (tarfile.TarError, EOFError, ValueError) as exc:
             raise ShardError("truncated_tar", url, where, str(exc) or type(exc).__name__) from exc
         except Exception as exc:  # noqa: BLE001 - I/O failed (after the filesystem's own retries)
@@ -245,27 +274,86 @@ def iter_shard(
 
 
 # --- decoding --------------------------------------------------------------------------------
-def load_image(data: bytes, resolution: int, *, draft: bool = True) -> np.ndarray:
-    """Decode an image, centre-crop the largest square and scale it to ``resolution``:
-    (R, R, 3) uint8 RGB.
+#: Default pixel limit of :func:`load_image`: 8192 x 8192. Above it an image is refused from its
+#: header, before any pixel is decoded (a 13000 x 13000 PNG of 20 KB decodes to 500 MB of RGB).
+DEFAULT_MAX_PIXELS = 8192 * 8192
 
-    Scaling is antialiased bicubic (the filter's support widens with the reduction, so
-    downscaling does not alias), done by torch's vectorised uint8 kernel: the same result as
-    PIL's ``BICUBIC`` resize to within 2 levels, several times faster. With ``draft``, a JPEG is
-    first decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the target: much
-    faster for large photos, and a DCT-domain reduction is itself an area average.
+
+class ImageTooLarge(ValueError):
+    """The image's header declares more pixels than the limit; nothing was decoded."""
+
+
+class ImageTooSmall(ValueError):
+    """The image's shorter side is below the requested minimum (a filter, not damage)."""
+
+
+def _scaled_to_uint8(im: Image.Image) -> Image.Image:
+    """Single-channel images of more than 8 bits as 8-bit ``L``, scaled (PIL's own conversion
+    clips every value above 255 to white). 16-bit modes (``I;16*``, and ``I``, which PIL uses for
+    16-bit PNG/TIFF greyscale) map 0..65535 to 0..255; float ``F`` maps 0..1 to 0..255 (the
+    convention of float TIFF/EXR-derived files), values outside are clipped."""
+    a = np.asarray(im)
+    if im.mode == "F":
+        scaled = np.clip(a.astype(np.float32), 0.0, 1.0) * 255.0
+    else:
+        scaled = np.clip(a.astype(np.float32), 0.0, 65535.0) / 257.0
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
+def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """``im`` as 8-bit RGB: high-bit-depth modes scaled (not clipped), transparency (``RGBA``,
+    ``LA``, ``PA``, ``P`` with a transparent index, premultiplied ``RGBa``/``La``) composited over
+    ``background`` (otherwise hidden colour under alpha 0 shows), ``CMYK``/``YCbCr``/``1``/``L``
+    by PIL's conversion."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        return _scaled_to_uint8(im).convert("RGB")
+    if im.mode in ("La", "RGBa"):
+        im = im.convert("RGBA")  # un-premultiply
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "PA", "RGBA"):
+        rgba = im.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(
+    data: bytes, resolution: int, *, draft: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_size: int = 0,
+) -> np.ndarray:
+    """Decode an image, centre-crop the largest square and scale it to ``resolution``:
+    (R, R, 3) uint8 RGB (modes converted by :func:`to_rgb`).
+
+    The header is checked before any pixel is decoded: more than ``max_pixels`` pixels (None:
+    no limit) raises :class:`ImageTooLarge`, a shorter side below ``min_size`` raises
+    :class:`ImageTooSmall`. Scaling is antialiased bicubic (the filter's support widens with
+    the reduction, so downscaling does not alias), done by torch's vectorised uint8 kernel: the
+    same result as PIL's ``BICUBIC`` resize to within 2 levels, several times faster. With
+    ``draft``, a JPEG is first decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still
+    covers the target: much faster for large photos, and a DCT-domain reduction is itself an
+    area average.
     """
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        with warnings.catch_warnings():  # PIL warns above its own limit; ours is max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own limit (2x its MAX_IMAGE_PIXELS)
+        raise ImageTooLarge(str(exc)) from None
+    with im:
         w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLarge(f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
+        if min(w, h) < min_size:
+            raise ImageTooSmall(f"{w}x{h} is smaller than the minimum side {min_size}")
         if draft and im.format == "JPEG" and min(w, h) > resolution:
             scale = resolution / min(w, h)
             im.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
             w, h = im.size
-        rgb = im if im.mode == "RGB" else im.convert("RGB")
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
-        square = rgb.crop((left, top, left + side, top + side)) if w != h else rgb
-        pixels = np.array(square)  # a writable (side, side, 3) copy
+        square = im.crop((left, top, left + side, top + side)) if w != h else im
+        pixels = np.array(to_rgb(square))  # a writable (side, side, 3) copy
     if side == resolution:
         return pixels
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # NCHW view of channels-last memory
@@ -274,86 +362,100 @@ def load_image(data: bytes, resolution: int, *, draft: bool = True) -> np.ndarra
 
 
 # --- writing ---------------------------------------------------------------------------------
-_FORMATS = {"png": ("PNG", {"compress_level": 3}), "jpg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
+#: extension -> (PIL format, save options) of the images vermeer writes
+IMAGE_FORMATS = {"png": ("PNG", {"compress_level": 3}), "jpg": ("JPEG", {"quality": 95}),
+                 "webp": ("WEBP", {"quality": 95})}
 
 
-def _encode(image: np.ndarray, ext: str) -> bytes:
+def encode_image(image: np.ndarray, ext: str) -> bytes:
     """(3, R, R) float in [-1, 1] -> encoded image bytes."""
     hwc = np.clip(np.rint((image.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    fmt, opts = _FORMATS[ext]
+    fmt, opts = IMAGE_FORMATS[ext]
     buf = io.BytesIO()
     Image.fromarray(hwc).save(buf, format=fmt, **opts)
     return buf.getvalue()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else by the
+    set-and-restore dance."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def _publish(tmp: str, fs: fsspec.AbstractFileSystem, path: str, local: bool) -> None:
-    """Move the finished local file ``tmp`` to ``path`` on ``fs``: a rename on local disks, one
-    upload to object stores (where an object appears only once its upload completes)."""
+    """Move the finished local file ``tmp`` to ``path`` on ``fs``: a rename on local disks (with
+    the permissions a plain ``open`` would give: ``mkstemp`` makes 0600), one upload to object
+    stores (where an object appears only once its upload completes)."""
     if local:
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     else:
         fs.put_file(tmp, path)
 
 
-def synth_shards(
+def write_shards(
     out: str,
-    n: int,
-    resolution: int,
+    samples: Iterable[dict[str, Any]],
     *,
     shard_size: int = 1000,
-    seed: int = 0,
-    image_format: str = "png",
+    name: str = "shard-{:06d}.tar",
     progress: Callable[[str, int], None] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Write ``n`` synthetic captioned samples as shards ``out/shard-000000.tar``, ...
+    """Write ``samples`` (webdataset dicts: ``__key__`` plus extension -> bytes) into shards of
+    ``shard_size`` samples named ``out/<name.format(i)>``, with webdataset's ``TarWriter``.
 
-    Sample ``i`` is the ``synthetic`` dataset's scene ``(seed, i)``: ``<i:08d>.<image_format>``
-    (rendered at ``resolution``), ``.txt`` (its exact caption) and ``.json`` (the scene, for
-    :func:`vermeer_plugins.synthetic.score`). Each shard is written to a temporary file and
-    appears under its final name only when complete. Returns the shard URLs;
-    ``progress(url, samples_so_far)`` is called after each shard; ``storage_options`` go to
-    fsspec for a remote ``out``.
+    Each shard is written to a temporary file and appears under its final name only when
+    complete (a rename on local disks, one upload to object stores). Returns the shard URLs;
+    ``progress(url, samples_so_far)`` is called after each shard.
     """
-    import dataclasses
-    import json
-
     from webdataset import TarWriter
 
-    from vermeer_plugins.synthetic import caption, render, scene
-
-    if n < 1 or resolution < 1 or shard_size < 1:
-        raise ValueError(f"synth: n, resolution and shard_size must be >= 1, got {n}, {resolution}, {shard_size}")
-    if image_format not in _FORMATS:
-        raise ValueError(f"synth: image_format must be one of {sorted(_FORMATS)}, got {image_format!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     local = is_local_url(out)
     fs, root = fsspec.core.url_to_fs(out, **({} if local else storage_options or {}))
-    fs.makedirs(root, exist_ok=True)
-    # Local output: the temporary file lives beside its final name so the rename is atomic.
-    tmp_dir = root if local else None
+    with storage_errors(out, "create the output directory"):
+        fs.makedirs(root, exist_ok=True)
+    tmp_dir = root if local else None  # beside the final name, so the rename is atomic
     urls: list[str] = []
-    for first in range(0, n, shard_size):
-        url = posixpath.join(out.rstrip("/"), f"shard-{first // shard_size:06d}.tar")
-        prefix = f".{posixpath.basename(url)}.{uuid.uuid4().hex[:8]}."
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=tmp_dir)
+    done = 0
+    it = iter(samples)
+    while True:
+        first = next(it, None)
+        if first is None:
+            break
+        url = posixpath.join(out.rstrip("/"), name.format(len(urls)))
+        fd, tmp = tempfile.mkstemp(prefix=f".{posixpath.basename(url)}.{uuid.uuid4().hex[:8]}.", suffix=".tmp",
+                                   dir=tmp_dir)
         try:
             # mtime an int: a float would cost a pax header before every member
             with os.fdopen(fd, "wb") as f, TarWriter(f, encoder=False, mtime=0) as writer:
-                for i in range(first, min(n, first + shard_size)):
-                    s = scene(seed, i)
-                    writer.write({
-                        "__key__": f"{i:08d}",
-                        image_format: _encode(render(s, resolution), image_format),
-                        "txt": caption(s).encode(),
-                        "json": json.dumps(dataclasses.asdict(s)).encode(),
-                    })
-            _publish(tmp, fs, posixpath.join(root, posixpath.basename(url)), local)
+                writer.write(first)
+                done += 1
+                for _ in range(shard_size - 1):
+                    sample = next(it, None)
+                    if sample is None:
+                        break
+                    writer.write(sample)
+                    done += 1
+            with storage_errors(url, "write"):
+                _publish(tmp, fs, posixpath.join(root, posixpath.basename(url)), local)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
         urls.append(url)
         if progress is not None:
-            progress(url, min(n, first + shard_size))
+            progress(url, done)
     return urls
 
 
@@ -401,6 +503,8 @@ def inspect_shards(
                     if len(thumbs) < n:
                         thumbs.append(load_image(raw.files[ext], thumb))
                         captions.append(text.decode("utf-8", "replace").strip() if text else "")
+                except ImageTooLarge:
+                    problems["oversized_image"] += 1
                 except Exception:  # noqa: BLE001 - any decoder failure means the same to the user
                     problems["undecodable_image"] += 1
         except ShardError as exc:
@@ -416,8 +520,6 @@ def inspect_shards(
         "captions": captions,
     }
     if contact_sheet is not None and thumbs:
-        from vermeer_core.sampling import save_grid
-
         images = torch.from_numpy(np.stack(thumbs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         save_grid(images, captions, contact_sheet)
         report["contact_sheet"] = contact_sheet
