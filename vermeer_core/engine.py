@@ -32,10 +32,11 @@ from vermeer_core.distributed import DistInfo, parallelize
 from vermeer_core.ema import EMA
 from vermeer_core.errors import VermeerError
 from vermeer_core.io import atomic_write_text, join
+from vermeer_core.meta_init import build_meta_stage, materialize_sharded
 from vermeer_core.metrics import MetricsLog, memory_bytes, peak_flops
 from vermeer_core.plan import stage_forward_flops
 from vermeer_core.model import (
-    VermeerModel, apply_phase, build_stage_model, materialize, phase_groups, replay, stage_transfers,
+    VermeerModel, apply_phase, phase_groups, replay, stage_transfers,
 )
 from vermeer_core.optim import OptimState, build_optimizer, lr_factor, park_state
 from vermeer_core.phases import PhaseError
@@ -160,18 +161,19 @@ class Engine:
         if self.d.world_size > 1:
             dist.barrier()
 
-    def _stage_model(self, stage: int, carry: _Carry | None) -> tuple[nn.Module, EMA]:
-        """Build stage ``stage``'s model (growing structurally from the previous stage replayed
-        on the meta device: ``prev`` holds no trained values), check its transfers, shard it,
-        load the carried tensors of every module it reuses and apply its transfers."""
+    def _stage_model(self, stage: int, carry: _Carry | None, *, fresh: bool = True) -> tuple[nn.Module, EMA]:
+        """Build stage ``stage``'s model on the meta device (growing structurally from the
+        previous stage replayed on meta: ``prev`` holds no trained values), check its
+        transfers, shard it, give each rank its shards on the device, initialise the new
+        modules (``fresh``; a resume loads a checkpoint instead), then load the carried tensors
+        of every module it reuses and apply its transfers. See :mod:`vermeer_core.meta_init`."""
         prev = replay(self.spec, self.registry, stage - 1, device="meta") if stage > 0 else None
-        model: VermeerModel = build_stage_model(self.spec, self.registry, stage, prev)
         try:
-            plan = stage_transfers(model, prev, stage)  # before any storage or training
-            materialize(model, "cpu")
+            built = build_meta_stage(self.spec, self.registry, stage, prev, init=fresh)
+            plan = stage_transfers(built.model, prev, stage)  # before any storage or training
         except ValueError as exc:
             raise RunError(f"growth policy {self.spec.stages[stage].growth.type!r}: {exc}") from None
-        model.to(self.d.device)
+        model: VermeerModel = built.model
         self.plugins.hook.vermeer_stage_start(
             stage=stage, resolution=model.resolution, model=model, run_dir=self.out
         )
@@ -187,6 +189,7 @@ class Engine:
             activation_checkpointing=self.spec.train.activation_checkpointing,
             compile=self.spec.train.compile,
         )
+        materialize_sharded(built, self.d.device)
         init_ema: dict[str, torch.Tensor] = {}
         ema_age: dict[str, int] = {}
         if carry is not None:
@@ -309,7 +312,7 @@ class Engine:
     ) -> _Carry:
         spec = self.spec
         st = spec.stages[stage]
-        model, ema = self._stage_model(stage, carry)
+        model, ema = self._stage_model(stage, carry, fresh=url is None)
         optim: OptimState = carry.optim if carry is not None else {}
         world, rank = self.d.world_size, self.d.rank
         data = self.registry.build(
