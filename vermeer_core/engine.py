@@ -489,7 +489,8 @@ class Engine:
         st = self.spec.stages[stage]
         with ema.swapped_in(model):
             images = generate(model, s.prompts, spec=self.spec, schedule=self.schedule, sampler=self.sampler,
-                              resolution=st.resolution, device=self.d.device)
+                              resolution=st.resolution, device=self.d.device, rank=self.d.rank,
+                              world_size=self.d.world_size)
             # FSDP2 keeps the root's parameters unsharded after a forward (it expects a backward);
             # reshard so the EMA swap restores into the sharded parameters.
             model.reshard()
@@ -513,6 +514,7 @@ class Engine:
                 model, spec=self.spec, registry=self.registry, metrics=e.metrics, n=e.prompts, seed=e.seed,
                 resolution=st.resolution, schedule=self.schedule, sampler=self.sampler, device=self.d.device,
                 steps=e.steps, guidance=e.guidance, batch_size=e.batch_size, rank0=self.rank0,
+                rank=self.d.rank, world_size=self.d.world_size,
             )
             model.reshard()  # as in _write_samples: restore the EMA swap into sharded parameters
         if result is not None and self.metrics is not None:
