@@ -109,12 +109,14 @@ def _mix(*values: int) -> int:
 
 @dataclass
 class _Carry:
-    """What survives from one stage (or a checkpoint) into the next: sharded tensors by name."""
+    """What survives from one stage (or a checkpoint) into the next: sharded tensors by name,
+    and this rank's data position (the next stage's stream starts there)."""
 
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     optim: OptimState
     ema_age: dict[str, int]
+    data: dict[str, Any] | None = None
 
 
 class Engine:
@@ -215,8 +217,8 @@ class Engine:
                   power=e.warmup_power if e else 0.0, age=ema_age)
         return model, ema
 
-    def _carry(self, model: nn.Module, ema: EMA, optim: OptimState) -> _Carry:
-        return _Carry(get_model_state_dict(model), dict(ema.shadow), dict(optim), dict(ema.age))
+    def _carry(self, model: nn.Module, ema: EMA, optim: OptimState, data: dict[str, Any] | None = None) -> _Carry:
+        return _Carry(get_model_state_dict(model), dict(ema.shadow), dict(optim), dict(ema.age), data)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _save(self, step: int, slot: Slot, model: nn.Module, ema: EMA, optim: OptimState, data: Any) -> None:
@@ -339,6 +341,10 @@ class Engine:
             self.bad_in_row = int(meta.get("bad_in_row", 0))
             self.phase_skipped = int(meta.get("phase_skipped", 0))
             self.skipped_steps = int(meta.get("skipped_steps", 0))
+        elif carry is not None and carry.data is not None:
+            # the stream goes on where the previous stage's ended, now at this resolution
+            # (its checkpoints then hold this position: resume stays exact)
+            data.load_state_dict(carry.data)
         flops = stage_forward_flops(spec, self.registry, stage)
         peak = peak_flops(self.d.device, self.bf16)
         slots = [s for s in self.slots if s.stage == stage]
@@ -353,7 +359,7 @@ class Engine:
             self._write_samples(stage, model, ema)
             self._write_eval(stage, end, model, ema)
             self._save(end, slots[-1], model, ema, optim, data)
-        return self._carry(model, ema, optim)
+        return self._carry(model, ema, optim, data.state_dict())
 
     def _run_phase(
         self, slot: Slot, first: int, model: nn.Module, ema: EMA, optim: OptimState, data: Any, it: Any,
