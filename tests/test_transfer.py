@@ -37,8 +37,8 @@ class Probe(Engine):
 
     probe: dict[str, Any]
 
-    def _stage_model(self, stage: int, carry: Any) -> Any:
-        model, ema = super()._stage_model(stage, carry)
+    def _stage_model(self, stage: int, carry: Any, **kw: Any) -> Any:
+        model, ema = super()._stage_model(stage, carry, **kw)
         if stage == 1 and carry is not None:
             full = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()  # noqa: E731
             self.probe = {

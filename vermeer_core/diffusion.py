@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 from vermeer_core.interfaces import Denoiser, NoiseSchedule, Sampler, SamplerCallback, TextEmbedding
 
 __all__ = [
+    "BatchRows",
     "DiffusionModel",
     "Grid",
     "Prediction",
@@ -66,18 +68,37 @@ def _per_example(a: Tensor, x: Tensor) -> Tensor:
     return a
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+@dataclass(frozen=True)
+class BatchRows:
+    """Rows ``rows`` of a batch of ``total`` images, drawn from ``generator``: every draw
+    makes the whole batch's numbers and keeps these rows. A rank that samples its share of a
+    batch thus gives each image the noise it gets when one process samples the whole batch
+    (samplers draw through :func:`noise_like`, which knows this type)."""
+
+    generator: torch.Generator
+    total: int
+    rows: tuple[int, ...]
+
+
+def _randn(
+    shape: Sequence[int], generator: torch.Generator | BatchRows | None, device: torch.device | str
+) -> Tensor:
     """Standard normal noise from ``generator`` (on the generator's own device), placed on
     ``device``. A CPU generator gives the same numbers whatever device trains."""
+    if isinstance(generator, BatchRows):
+        if shape[0] != len(generator.rows):
+            raise ValueError(f"noise for {shape[0]} images drawn from BatchRows of {len(generator.rows)} rows")
+        g = generator.generator
+        full = torch.randn((generator.total, *shape[1:]), generator=g, device=g.device)
+        return full[list(generator.rows)].to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
 
 
-def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def noise_like(x: Tensor, generator: torch.Generator | BatchRows | None) -> Tensor:
     """N(0, I) shaped like ``x`` (its device and dtype), drawn from ``generator``."""
-    gen_device = generator.device if generator is not None else x.device
     # Drawn in fp32 (then cast) so bf16 callers get the same noise as fp32 ones.
-    return torch.randn(x.shape, generator=generator, device=gen_device).to(device=x.device, dtype=x.dtype)
+    return _randn(x.shape, generator, x.device).to(dtype=x.dtype)
 
 
 def _rand(n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
@@ -279,7 +300,7 @@ def sample(
     steps: int,
     guidance: float,
     prediction: Prediction,
-    generator: torch.Generator | None,
+    generator: torch.Generator | BatchRows | None,
     device: torch.device | str,
     channels: int = 3,
     grid: Grid = "logsnr",

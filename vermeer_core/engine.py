@@ -32,10 +32,11 @@ from vermeer_core.distributed import DistInfo, parallelize
 from vermeer_core.ema import EMA
 from vermeer_core.errors import VermeerError
 from vermeer_core.io import atomic_write_text, join
+from vermeer_core.meta_init import build_meta_stage, materialize_sharded
 from vermeer_core.metrics import MetricsLog, memory_bytes, peak_flops
 from vermeer_core.plan import stage_forward_flops
 from vermeer_core.model import (
-    VermeerModel, apply_phase, build_stage_model, materialize, phase_groups, replay, stage_transfers,
+    VermeerModel, apply_phase, phase_groups, replay, stage_transfers,
 )
 from vermeer_core.optim import OptimState, build_optimizer, lr_factor, park_state
 from vermeer_core.phases import PhaseError
@@ -109,12 +110,14 @@ def _mix(*values: int) -> int:
 
 @dataclass
 class _Carry:
-    """What survives from one stage (or a checkpoint) into the next: sharded tensors by name."""
+    """What survives from one stage (or a checkpoint) into the next: sharded tensors by name,
+    and this rank's data position (the next stage's stream starts there)."""
 
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     optim: OptimState
     ema_age: dict[str, int]
+    data: dict[str, Any] | None = None
 
 
 class Engine:
@@ -163,18 +166,19 @@ class Engine:
         if self.d.world_size > 1:
             dist.barrier()
 
-    def _stage_model(self, stage: int, carry: _Carry | None) -> tuple[nn.Module, EMA]:
-        """Build stage ``stage``'s model (growing structurally from the previous stage replayed
-        on the meta device: ``prev`` holds no trained values), check its transfers, shard it,
-        load the carried tensors of every module it reuses and apply its transfers."""
+    def _stage_model(self, stage: int, carry: _Carry | None, *, fresh: bool = True) -> tuple[nn.Module, EMA]:
+        """Build stage ``stage``'s model on the meta device (growing structurally from the
+        previous stage replayed on meta: ``prev`` holds no trained values), check its
+        transfers, shard it, give each rank its shards on the device, initialise the new
+        modules (``fresh``; a resume loads a checkpoint instead), then load the carried tensors
+        of every module it reuses and apply its transfers. See :mod:`vermeer_core.meta_init`."""
         prev = replay(self.spec, self.registry, stage - 1, device="meta") if stage > 0 else None
-        model: VermeerModel = build_stage_model(self.spec, self.registry, stage, prev)
         try:
-            plan = stage_transfers(model, prev, stage)  # before any storage or training
-            materialize(model, "cpu")
+            built = build_meta_stage(self.spec, self.registry, stage, prev, init=fresh)
+            plan = stage_transfers(built.model, prev, stage)  # before any storage or training
         except ValueError as exc:
             raise RunError(f"growth policy {self.spec.stages[stage].growth.type!r}: {exc}") from None
-        model.to(self.d.device)
+        model: VermeerModel = built.model
         self.plugins.hook.vermeer_stage_start(
             stage=stage, resolution=model.resolution, model=model, run_dir=self.out
         )
@@ -190,6 +194,7 @@ class Engine:
             activation_checkpointing=self.spec.train.activation_checkpointing,
             compile=self.spec.train.compile,
         )
+        materialize_sharded(built, self.d.device)
         init_ema: dict[str, torch.Tensor] = {}
         ema_age: dict[str, int] = {}
         if carry is not None:
@@ -215,8 +220,8 @@ class Engine:
                   power=e.warmup_power if e else 0.0, age=ema_age)
         return model, ema
 
-    def _carry(self, model: nn.Module, ema: EMA, optim: OptimState) -> _Carry:
-        return _Carry(get_model_state_dict(model), dict(ema.shadow), dict(optim), dict(ema.age))
+    def _carry(self, model: nn.Module, ema: EMA, optim: OptimState, data: dict[str, Any] | None = None) -> _Carry:
+        return _Carry(get_model_state_dict(model), dict(ema.shadow), dict(optim), dict(ema.age), data)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _save(self, step: int, slot: Slot, model: nn.Module, ema: EMA, optim: OptimState, data: Any) -> None:
@@ -379,7 +384,7 @@ class Engine:
     ) -> _Carry:
         spec = self.spec
         st = spec.stages[stage]
-        model, ema = self._stage_model(stage, carry)
+        model, ema = self._stage_model(stage, carry, fresh=url is None)
         optim: OptimState = carry.optim if carry is not None else {}
         world, rank = self.d.world_size, self.d.rank
         data = self.registry.build(
@@ -406,6 +411,10 @@ class Engine:
             self.bad_in_row = int(meta.get("bad_in_row", 0))
             self.phase_skipped = int(meta.get("phase_skipped", 0))
             self.skipped_steps = int(meta.get("skipped_steps", 0))
+        elif carry is not None and carry.data is not None:
+            # the stream goes on where the previous stage's ended, now at this resolution
+            # (its checkpoints then hold this position: resume stays exact)
+            data.load_state_dict(carry.data)
         flops = stage_forward_flops(spec, self.registry, stage)
         peak = peak_flops(self.d.device, self.bf16)
         slots = [s for s in self.slots if s.stage == stage]
@@ -420,7 +429,7 @@ class Engine:
             self._write_samples(stage, model, ema)
             self._write_eval(stage, end, model, ema)
             self._save(end, slots[-1], model, ema, optim, data)
-        return self._carry(model, ema, optim)
+        return self._carry(model, ema, optim, data.state_dict())
 
     def _run_phase(
         self, slot: Slot, first: int, model: nn.Module, ema: EMA, optim: OptimState, data: Any, it: Any,
@@ -556,7 +565,8 @@ class Engine:
         st = self.spec.stages[stage]
         with ema.swapped_in(model):
             images = generate(model, s.prompts, spec=self.spec, schedule=self.schedule, sampler=self.sampler,
-                              resolution=st.resolution, device=self.d.device)
+                              resolution=st.resolution, device=self.d.device, rank=self.d.rank,
+                              world_size=self.d.world_size)
             # FSDP2 keeps the root's parameters unsharded after a forward (it expects a backward);
             # reshard so the EMA swap restores into the sharded parameters.
             model.reshard()
@@ -580,6 +590,7 @@ class Engine:
                 model, spec=self.spec, registry=self.registry, metrics=e.metrics, n=e.prompts, seed=e.seed,
                 resolution=st.resolution, schedule=self.schedule, sampler=self.sampler, device=self.d.device,
                 steps=e.steps, guidance=e.guidance, batch_size=e.batch_size, rank0=self.rank0,
+                rank=self.d.rank, world_size=self.d.world_size,
             )
             model.reshard()  # as in _write_samples: restore the EMA swap into sharded parameters
         if result is not None and self.metrics is not None:

@@ -64,15 +64,18 @@ def eval_source(spec: Any, registry: Registry, resolution: int) -> Any:
 def generate_eval(
     model: nn.Module, prompts: Sequence[EvalPrompt], *, spec: Any, schedule: Any, sampler: Any, resolution: int,
     device: torch.device, seed: int, steps: int | None = None, guidance: float | None = None, batch_size: int = 16,
+    rank: int = 0, world_size: int = 1,
 ) -> Tensor:
     """Images for ``prompts`` (chunk i sampled with seed ``seed + i``), on the CPU in [-1, 1].
-    Every rank must call this (FSDP needs all ranks in every forward)."""
+    Every rank must call this; each samples its share of every chunk and gets all images
+    (see :func:`vermeer_core.sampling.generate`)."""
     from vermeer_core.sampling import generate
 
     captions = [p.caption for p in prompts]
     chunks = [
         generate(model, captions[i : i + batch_size], spec=spec, schedule=schedule, sampler=sampler,
-                 resolution=resolution, device=device, steps=steps, guidance=guidance, seed=seed + i // batch_size)
+                 resolution=resolution, device=device, steps=steps, guidance=guidance, seed=seed + i // batch_size,
+                 rank=rank, world_size=world_size)
         for i in range(0, len(captions), batch_size)
     ]
     return torch.cat(chunks)
@@ -181,15 +184,16 @@ def check_eval(spec: Any, registry: Registry, resolution: int) -> None:
 def evaluate(
     model: nn.Module, *, spec: Any, registry: Registry, metrics: Sequence[Any], n: int, seed: int, resolution: int,
     schedule: Any, sampler: Any, device: torch.device, steps: int | None = None, guidance: float | None = None,
-    batch_size: int = 16, rank0: bool = True,
+    batch_size: int = 16, rank0: bool = True, rank: int = 0, world_size: int = 1,
 ) -> EvalResult | None:
-    """Generate for ``n`` held-out prompts (every rank) and score them (rank 0 only: other
-    ranks return None). ``metrics`` are metric configs or ``{type: ...}`` mappings."""
+    """Generate for ``n`` held-out prompts (each rank its share, gathered) and score them (rank
+    0 only: other ranks return None). ``metrics`` are metric configs or ``{type: ...}`` mappings."""
     source = eval_source(spec, registry, resolution)
     prompts = source.eval_prompts(n, seed)
     t0 = time.perf_counter()
     images = generate_eval(model, prompts, spec=spec, schedule=schedule, sampler=sampler, resolution=resolution,
-                           device=device, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
+                           device=device, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size,
+                           rank=rank, world_size=world_size)
     t1 = time.perf_counter()
     if not rank0:
         return None

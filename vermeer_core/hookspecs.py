@@ -63,8 +63,9 @@ def vermeer_stage_start(stage: int, resolution: int, model: Any, run_dir: str) -
     ``stage`` has been grown (or rebuilt on resume) and before it is sharded.
 
     ``stage`` is the stage index (0 = core pretraining), ``resolution`` its image size,
-    ``model`` the unsharded :class:`vermeer_core.model.VermeerModel`, ``run_dir`` the run's
-    output URL. Return value ignored.
+    ``model`` the unsharded :class:`vermeer_core.model.VermeerModel` on the ``meta`` device
+    (structure, names and shapes; its values are written after sharding, see
+    :mod:`vermeer_core.meta_init`), ``run_dir`` the run's output URL. Return value ignored.
     """
 
 

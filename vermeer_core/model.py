@@ -11,15 +11,19 @@ carry over unchanged. The topology of a stage is a pure function of (spec, stage
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from vermeer_core.core_init import init_in_groups
 from vermeer_core.interfaces import BlockFamily, GrowthPolicy, Phase, TextEmbedding, Trainable
 from vermeer_core.phases import CORE_MODULES, ParamGroup, resolve_phase
 from vermeer_core.registry import Registry
@@ -36,9 +40,10 @@ __all__ = [
     "VermeerModel",
     "apply_phase",
     "build_stage_model",
+    "DeferredCore",
+    "deferring_core",
     "growth_context",
     "logsnr_fourier_features",
-    "materialize",
     "param_groups",
     "phase_groups",
     "replay",
@@ -47,6 +52,35 @@ __all__ = [
     "stage_seed",
     "stage_transfers",
 ]
+
+@dataclass(frozen=True)
+class DeferredCore:
+    """A core left on meta by :meth:`ModelBuilder.core` for its caller to initialise with
+    :func:`vermeer_core.core_init.init_in_groups` under ``seed``. ``tensor_ids``: its
+    tensors as built (a tensor put into it later, e.g. copied from another model, is not)."""
+
+    module: nn.Module
+    seed: int
+    tensor_ids: frozenset[int]
+
+
+#: Set by :func:`deferring_core` while the engine builds a stage: cores built then go here.
+_DEFERRED: ContextVar[list[DeferredCore] | None] = ContextVar("vermeer_deferred_cores", default=None)
+
+
+@contextmanager
+def deferring_core() -> Iterator[list[DeferredCore]]:
+    """Within this context :meth:`ModelBuilder.core` leaves cores that define
+    ``reset_parameters()`` on the meta device and lists each with its seed in the yielded
+    list, for the caller to initialise after sharding with
+    :func:`vermeer_core.core_init.init_in_groups` (no full copy of the core is made)."""
+    built: list[DeferredCore] = []
+    token = _DEFERRED.set(built)
+    try:
+        yield built
+    finally:
+        _DEFERRED.reset(token)
+
 
 # Log-SNR of a clipped schedule spans roughly [-20, 20]; frequencies from 1/64 (a near-linear
 # code of the whole range) to 4 rad per unit (resolves steps of a fraction of a unit).
@@ -257,15 +291,33 @@ class ModelBuilder:
 
     def core(self, text_dim: int) -> nn.Module:
         attention = self.registry.build(self.spec.model.attention, "attention")
-        return self.registry.build(
-            self.spec.model.core,
-            "core",
-            channels=self.width(self.grid),
-            grid=self.grid,
-            cond_dim=self.cond_dim,
-            text_dim=text_dim,
-            attention=attention,
-        )
+
+        def build() -> nn.Module:
+            return self.registry.build(
+                self.spec.model.core, "core", channels=self.width(self.grid), grid=self.grid,
+                cond_dim=self.cond_dim, text_dim=text_dim, attention=attention,
+            )
+
+        # On meta, then initialised block by block by the core's own reset_parameters
+        # (vermeer_core.core_init): no full copy of a new core is made before the engine
+        # shards it, and a plain build gets the same values. A core without reset_parameters
+        # is built for real (its meta build drew no random numbers, so the stream matches).
+        if torch.empty(0).is_meta:  # built under torch.device("meta") (replay, plan): structure only
+            return build()
+        with torch.device("meta"):
+            core = build()
+        if not callable(getattr(core, "reset_parameters", None)):
+            return build()
+        seed = int(torch.randint(0, 2**62, ()).item())  # from the stage seed, in either mode
+        deferred = _DEFERRED.get()
+        if deferred is not None:
+            ids = frozenset(id(t) for t in chain(core.parameters(), core.buffers()))
+            deferred.append(DeferredCore(core, seed, ids))
+            return core
+        real = copy.deepcopy(core).to_empty(device="cpu")
+        targets = dict(chain(real.named_parameters(), real.named_buffers()))
+        init_in_groups(core, seed, lambda name, value: targets[name].copy_(value))
+        return real
 
     def stem(self, resolution: int, factor: int) -> nn.Module:
         return self.block.stem(self.width(resolution // factor), factor)
@@ -480,26 +532,6 @@ def replay(spec: RunSpec, registry: Registry, stage: int, device: torch.device |
     if torch.device(device).type == "meta":
         return model
     return model.to_empty(device=device)
-
-
-def materialize(model: VermeerModel, device: torch.device | str) -> None:
-    """Give the modules ``model`` reused from a ``meta`` ``prev`` empty storage on ``device``
-    (the engine loads their trained tensors next). A NEW module (under ``new_modules``) on
-    meta was copied from ``prev``, which holds no trained values: that is refused, naming
-    the tensor and the fix (a transfer)."""
-    for mod_name, module in model.named_modules():
-        direct = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        meta = [n for n, t in direct if t is not None and t.is_meta]
-        if not meta:
-            continue
-        full = f"{mod_name}.{meta[0]}" if mod_name else meta[0]
-        if _under(full, model.new_modules):
-            raise ValueError(
-                f"new tensor {full} is on the meta device: it was copied from the previous stage's "
-                "model, which holds structure but no trained values at run time. Build new modules "
-                "fresh and declare a transfer (model.transfers[new] = old) to warm-start them"
-            )
-        module.to_empty(device=device, recurse=False)
 
 
 def _grow_to(spec: RunSpec, registry: Registry, stage: int) -> VermeerModel:

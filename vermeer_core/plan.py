@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vermeer_core.core_init import core_groups
 from vermeer_core.distributed import sharded_units
 from vermeer_core.model import VermeerModel, build_stage_model, select_trainable
 from vermeer_core.phases import describe_trainable
@@ -22,7 +23,9 @@ from vermeer_core.registry import Registry
 from vermeer_core.schedule_table import step_table
 from vermeer_core.spec import RunSpec
 
-__all__ = ["measure_forward", "plan_rows", "print_plan", "stage_forward_flops", "total_train_tflop"]
+__all__ = [
+    "measure_forward", "plan_rows", "print_plan", "stage_forward_flops", "total_train_tflop", "transition_bytes",
+]
 
 _CAPTION = "a small red circle above a large blue square"
 
@@ -82,13 +85,44 @@ def stage_forward_flops(spec: RunSpec, registry: Registry, stage: int) -> int:
     return measure_forward(model, spec.stages[stage].resolution)[0]
 
 
+def transition_bytes(
+    model: VermeerModel, prev: VermeerModel | None, prev_trainable: int, ema: bool, world_size: int
+) -> tuple[int, int]:
+    """Per-rank peak bytes of the step that builds ``model`` (grown from ``prev``), as the
+    engine does it (:mod:`vermeer_core.meta_init`): (what the previous stage carries in,
+    what the new stage adds). Carried: fp32 weights, EMA and AdamW moments of ``prev``'s last
+    phase, all sharded. Added: the new stage's weight shards, EMA shards of its new tensors,
+    and, held in full on every rank for a moment, the new periphery (built for real) plus
+    the largest group of a new core (initialised one block at a time). Transfers' copies and
+    allocator slack are not counted."""
+    params = {n: p.numel() for n, p in model.named_parameters()}
+    new = {n: c for n, c in params.items() if any(n == m or n.startswith(m + ".") for m in model.new_modules)}
+    deferred = "core" in model.new_modules and callable(getattr(model.core, "reset_parameters", None))
+    groups = [0]
+    if deferred:
+        blocks = {f"core.{g}" for g in core_groups(model.core)}
+        groups = [sum(c for n, c in new.items() if n.startswith(g + ".")) for g in blocks]
+        groups.append(sum(c for n, c in new.items() if n.startswith("core.") and not any(
+            n.startswith(g + ".") for g in blocks)))
+    full_now = sum(c for n, c in new.items() if not (deferred and n.startswith("core."))) + max(groups)
+    carried = 0
+    if prev is not None:
+        total_prev = sum(p.numel() for p in prev.parameters())
+        carried = 4 * (total_prev * (2 if ema else 1) + 2 * prev_trainable) // world_size
+    added = 4 * (sum(params.values()) + (sum(new.values()) if ema else 0)) // world_size + 4 * full_now
+    return carried, added
+
+
 def plan_rows(spec: RunSpec, registry: Registry, world_size: int = 1) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     slots = step_table(spec, registry)
     model: VermeerModel | None = None
+    prev_trainable = 0
     for k, stage in enumerate(spec.stages):
+        prev = model
         with torch.device("meta"):
             model = build_stage_model(spec, registry, k, prev=model)
+        carried, added = transition_bytes(model, prev, prev_trainable, spec.ema is not None, world_size)
         flops, act_full, act_ckpt = measure_forward(model, stage.resolution)
         act = act_ckpt if spec.train.activation_checkpointing else act_full
         total = sum(p.numel() for p in model.parameters())
@@ -119,7 +153,11 @@ def plan_rows(spec: RunSpec, registry: Registry, world_size: int = 1) -> list[di
                 "per_rank_state_bytes": int(state),
                 "per_rank_activation_bytes": int(act * per_rank_batch),
                 "per_rank_total_bytes": int(state + act * per_rank_batch),
+                "per_rank_transition_carried_bytes": carried,
+                "per_rank_transition_added_bytes": added,
+                "per_rank_transition_bytes": carried + added,
             })
+            prev_trainable = trainable
     return rows
 
 
@@ -162,9 +200,19 @@ def print_plan(spec: RunSpec, rows: list[dict[str, Any]], world_size: int = 1) -
     console = Console(width=200)
     console.print(table)
     console.print(f"training compute: {total_train_tflop(rows):.4g} TFLOP")
+    for r in rows:
+        if r["phase"] == next(x["phase"] for x in rows if x["stage"] == r["stage"]):
+            console.print(
+                f"stage {r['stage']} build peak per rank: {_b(r['per_rank_transition_bytes'])} "
+                f"(carried from the previous stage {_b(r['per_rank_transition_carried_bytes'])}, "
+                f"new stage {_b(r['per_rank_transition_added_bytes'])})"
+            )
     console.print(
         "GFLOP/img: one forward pass, measured with torch.utils.flop_counter (x3 for a training "
         "step; train TFLOP = 3 x fwd x batch x steps).  act/img: tensors saved for backward per image (with train.activation_checkpointing "
         "when the spec enables it: unit inputs + the largest unit's internals). per-rank "
-        "state: fp32 params/FSDP + grads + AdamW for trainable params."
+        "state: fp32 params/FSDP + grads + AdamW for trainable params. build peak: the previous "
+        "stage's sharded weights, EMA and AdamW state, the new stage's shards (+ EMA of new "
+        "tensors), and the full values held for a moment: the new periphery and one block of a "
+        "new core (the model is built on meta and sharded before it gets storage)."
     )

@@ -11,42 +11,60 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch import Tensor, nn
 
-from vermeer_core.diffusion import Grid, sample
+from vermeer_core.diffusion import BatchRows, Grid, sample
 from vermeer_core.interfaces import SamplerCallback
 from vermeer_core.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["generate", "to_uint8", "save_png", "save_grid", "plot_losses"]
+__all__ = ["generate", "shard_rows", "to_uint8", "save_png", "save_grid", "plot_losses"]
 
 
 @torch.no_grad()
 def generate(
     model: nn.Module, prompts: Sequence[str], *, spec: Any, schedule: Any, sampler: Any, resolution: int,
     device: torch.device, steps: int | None = None, guidance: float | None = None, seed: int | None = None,
-    grid: Grid | None = None, callback: SamplerCallback | None = None,
+    grid: Grid | None = None, callback: SamplerCallback | None = None, rank: int = 0, world_size: int = 1,
 ) -> Tensor:
     """Images for ``prompts`` with the spec's sampling settings (overridable), in [-1, 1];
     ``callback`` is called once per sampler step (:data:`~vermeer_core.interfaces.SamplerCallback`).
 
-    Every rank samples every prompt with the same generator, so the result does not depend on
-    the world size (FSDP needs all ranks in each forward anyway)."""
+    With ``world_size`` > 1 every rank must call this: each samples its share of the prompts
+    (:func:`shard_rows`) and all ranks return all images, gathered in prompt order. Every
+    image's noise is its row of the whole batch's draws from one generator (:class:`BatchRows`),
+    so the images equal world size 1's up to float rounding (batch shapes differ)."""
     s = spec.sampling
     gen = torch.Generator(device=device).manual_seed(s.seed if seed is None else seed)
+    n = len(prompts)
+    rows = shard_rows(n, rank, world_size)
     was_training = model.training
     model.eval()
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.train.precision == "bf16" and device.type == "cpu"):
             out = sample(
-                model, list(prompts), schedule=schedule, sampler=sampler, resolution=resolution,
+                model, [prompts[i] for i in rows], schedule=schedule, sampler=sampler, resolution=resolution,
                 steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
-                prediction=spec.diffusion.prediction, generator=gen, device=device, grid=grid or s.grid,
-                callback=callback,
+                prediction=spec.diffusion.prediction, generator=BatchRows(gen, n, rows) if world_size > 1 else gen,
+                device=device, grid=grid or s.grid, callback=callback,
             )
     finally:
         model.train(was_training)
+    if world_size > 1:
+        parts = [torch.empty_like(out) for _ in range(world_size)]
+        dist.all_gather(parts, out.contiguous())  # on the device: NCCL gathers CUDA tensors only
+        out = torch.cat(parts)[:n]
     return out.float().cpu()
+
+
+def shard_rows(n: int, rank: int, world_size: int) -> tuple[int, ...]:
+    """Rank ``rank``'s share of ``n`` prompts: a contiguous block of ``ceil(n / world_size)``,
+    padded with the last prompt so that every rank runs the same forwards (FSDP gathers
+    parameters in each one); concatenated in rank order and cut to ``n``, the blocks are the
+    prompts in order."""
+    share = -(-n // world_size)
+    return tuple(min(rank * share + j, n - 1) for j in range(share))
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
