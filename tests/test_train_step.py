@@ -150,3 +150,38 @@ def test_engine_steps_do_not_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert main(["run", str(spec), "--out", str(tmp_path / "run")]) == 0
     assert len(reads) == 12
     assert sum(reads) == 0, reads
+
+
+def test_fsdp_settings_change_no_numbers_and_reshard_all_restores_shards() -> None:
+    """Every FSDP2 setting the benchmark compares gives the same step; after a forward without
+    backward (sampling) with ``reshard_after_forward=False`` units stay gathered until
+    :func:`reshard_all`, after which the parameters are the sharded DTensors again."""
+    from tiny_model_spec import tiny_spec
+    from torch.distributed.tensor import DTensor
+
+    from vermeer_core.distributed import init_distributed, parallelize, reshard_all, shutdown
+    from vermeer_core.model import build_stage_model
+    from vermeer_core.plugins import get_registry
+
+    spec = tiny_spec((64,))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    logsnr = torch.tensor([1.0, -2.0])
+    d = init_distributed(device="cpu")
+    try:
+        grads = []
+        for reshard, prefetch in ((True, 0), (True, 1), (False, 0), (False, 1)):
+            torch.manual_seed(0)
+            model = build_stage_model(spec, get_registry(), 0)
+            parallelize(model, d.mesh, reshard_after_forward=reshard, prefetch=prefetch)
+            model(x, logsnr, ["a red circle", ""]).square().mean().backward()
+            grads.append([p.grad.full_tensor() for p in model.parameters()])
+            with torch.no_grad():
+                model(x, logsnr, ["a red circle", ""])
+            gathered = not all(isinstance(p, DTensor) for p in model.core.blocks[0].parameters())
+            assert gathered == (not reshard)
+            reshard_all(model)
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+    finally:
+        shutdown()
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], g))

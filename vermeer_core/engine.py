@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vermeer_core.checkpoint import Checkpointer
-from vermeer_core.distributed import DistInfo, parallelize
+from vermeer_core.distributed import DistInfo, default_fsdp_settings, parallelize, reshard_all
 from vermeer_core.ema import EMA
 from vermeer_core.errors import VermeerError
 from vermeer_core.io import atomic_write_text, join
@@ -126,6 +126,7 @@ class Engine:
             bf16=self.bf16 and self.d.device.type == "cuda",
             activation_checkpointing=self.spec.train.activation_checkpointing,
             compile=self.spec.train.compile,
+            **default_fsdp_settings(self.d.device),
         )
         init_ema: dict[str, torch.Tensor] = {}
         ema_age: dict[str, int] = {}
@@ -421,9 +422,10 @@ class Engine:
         with ema.swapped_in(model):
             images = generate(model, s.prompts, spec=self.spec, schedule=self.schedule, sampler=self.sampler,
                               resolution=st.resolution, device=self.d.device)
-            # FSDP2 keeps the root's parameters unsharded after a forward (it expects a backward);
-            # reshard so the EMA swap restores into the sharded parameters.
-            model.reshard()
+            # FSDP2 keeps the root's parameters (and, without reshard_after_forward, every
+            # unit's) unsharded after a forward (it expects a backward); reshard so the EMA
+            # swap restores into the sharded parameters.
+            reshard_all(model)
         if self.rank0:
             name = f"stage{stage}-{st.resolution}px"
             save_grid(images, s.prompts, join(self.out, "samples", name + ".png"))
@@ -445,7 +447,7 @@ class Engine:
                 resolution=st.resolution, schedule=self.schedule, sampler=self.sampler, device=self.d.device,
                 steps=e.steps, guidance=e.guidance, batch_size=e.batch_size, rank0=self.rank0,
             )
-            model.reshard()  # as in _write_samples: restore the EMA swap into sharded parameters
+            reshard_all(model)  # as in _write_samples: restore the EMA swap into sharded parameters
         if result is not None and self.metrics is not None:
             base = join(self.out, "eval", f"stage{stage}")
             info = {"stage": stage, "step": step, "resolution": st.resolution, "seed": e.seed}
