@@ -148,6 +148,8 @@ def machine_info() -> dict[str, Any]:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cuda_available": torch.cuda.is_available(),
         "git_commit": _git_commit(),
+        # CPU numbers mean little on a busy machine: the 1/5/15-minute load at the start
+        "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

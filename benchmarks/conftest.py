@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class BenchSession:
     rows: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
     machine: dict[str, Any] = field(default_factory=machine_info)
+    peaks: dict[str, dict[str, float]] = field(default_factory=dict)  # device type -> dtype -> FLOP/s
 
     def record(self, group: str, name: str, *, ms: float | None = None, baseline: bool = False, **metrics: Any) -> None:
         """One measured variant ``name`` of ``group``; ``baseline`` marks the group's reference."""
@@ -113,9 +115,47 @@ def device(bench_device: str) -> Iterator[torch.device]:
         torch.cuda.empty_cache()
 
 
+#: Square matmul sizes for the peak: large enough to reach the BLAS's steady state on each device
+PEAK_N = {"cpu": 1024, "cuda": 8192}
+
+
+@pytest.fixture
+def matmul_peak(device: torch.device, bench: BenchSession) -> dict[str, float]:
+    """The device's matmul peak in FLOP/s per dtype (``fp32``, ``bf16``), measured once per
+    session and device on an N x N x N matmul (2 N^3 FLOPs) and recorded as group
+    ``peak/<dev>/matmul``: the yardstick of every step's ``of_peak`` in the same run."""
+    if device.type not in bench.peaks:
+        from benchlib import compare
+
+        n = PEAK_N.get(device.type, 1024)
+        fns = {}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            fns[name] = lambda a=a, b=b: torch.mm(a, b)
+        cpu = device.type == "cpu"
+        timings, errors = compare(fns, device, warmup=2, repeats=5, min_block_ms=200.0 if cpu else 100.0)
+        peaks: dict[str, float] = {}
+        for name, t in timings.items():
+            peaks[name] = 2 * n**3 / (t.min_ms / 1e3)  # the best block: a peak, not a typical
+            bench.record(f"peak/{device.type}/matmul-n{n}", name, device=device.type, n=n,
+                         tflops=peaks[name] / 1e12, **t.as_dict(), note="best block")
+        for name, err in errors.items():
+            bench.record(f"peak/{device.type}/matmul-n{n}", name, error=err)
+        bench.peaks[device.type] = peaks
+    return bench.peaks[device.type]
+
+
 @pytest.fixture
 def compile_enabled(pytestconfig: pytest.Config) -> bool:
     return bool(pytestconfig.getoption("--bench-compile"))
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _write(config: pytest.Config, exitstatus: int | None) -> None:
@@ -134,7 +174,7 @@ def _write(config: pytest.Config, exitstatus: int | None) -> None:
         "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds") if exitstatus is not None else None,
         "command": sys.argv,
         "exit_status": exitstatus,
-        "machine": state.machine,
+        "machine": {**state.machine, "loadavg_end": _loadavg()},
         "results": state.rows,
     }
     tmp = state.path.with_suffix(".tmp")
@@ -159,6 +199,9 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("images_per_s", "img/s", ".1f"),
     ("tflops", "TFLOP/s", ".3f"),
     ("mfu", "MFU", ".1%"),
+    ("of_peak", "of peak", ".1%"),
+    ("baseline_ratio", "vs DiT", ".2f"),
+    ("share_of_stage", "of stage", ".1%"),
 )
 
 
@@ -192,7 +235,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr.section("vermeer benchmarks")
     tr.write_line(
         f"torch {info['torch']} | {info['device_name']} | torch threads {info['torch_threads']} "
-        f"| python {info['python']}"
+        f"| python {info['python']} | load average {info.get('loadavg')} at start, {_loadavg()} at end"
     )
     tr.write_line("ms: median per call. vs fastest / vs base: this time over the group's fastest / baseline (*)")
     tr.write_line("(1.00 = same, < 1 = faster); max/min: slowest over fastest timed block (over ~1.3: a busy")

@@ -132,7 +132,8 @@ def quick() -> tuple[RunSpec, list[VermeerModel]]:
 
 
 @pytest.mark.parametrize("resolution", [32, 64, 128, EXTRA_RESOLUTION], ids=lambda r: f"r{r}")
-def test_stage_step(resolution: int, device: torch.device, bench: Any, quick: tuple[RunSpec, list[VermeerModel]]) -> None:
+def test_stage_step(resolution: int, device: torch.device, bench: Any, quick: tuple[RunSpec, list[VermeerModel]],
+                    matmul_peak: dict[str, float]) -> None:
     spec, models = quick
     stage = [s.resolution for s in spec.stages].index(resolution)
     reg = get_registry()
@@ -159,10 +160,13 @@ def test_stage_step(resolution: int, device: torch.device, bench: Any, quick: tu
             bench.record(group, name, baseline=i == 0, error=errors[name])
             continue
         peak = peak_flops(device, bf16)
+        measured = throughput(timings[name], batch, fwd_flops, peak)
+        ref = matmul_peak.get("bf16" if bf16 else "fp32")  # this run's measured matmul peak
+        of_peak = measured["tflops"] * 1e12 / ref if ref else None
         bench.record(
             group, name, baseline=i == 0, device=device.type, resolution=resolution, batch=batch,
             precision="bf16-autocast" if bf16 else "fp32", params_trainable=trainable[name],
-            gflop_per_image_fwd=fwd_flops / 1e9, **timings[name].as_dict(), **throughput(timings[name], batch, fwd_flops, peak),
+            gflop_per_image_fwd=fwd_flops / 1e9, **timings[name].as_dict(), **measured, of_peak=of_peak,
         )
     assert not errors, f"training steps failed: {errors}"
 

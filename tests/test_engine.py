@@ -117,10 +117,10 @@ class Recorder:
 
     @hookimpl
     def vermeer_step_end(self, stage: int, phase: Phase, step: int, phase_step: int, model: Any,
-                         metrics: dict[str, Any] | None) -> None:
+                         metrics: dict[str, Any] | None, skipped: torch.Tensor) -> None:
         self.calls.append(("step_end", {"stage": stage, "phase": phase.name, "step": step, "phase_step": phase_step,
                                         "metrics": None if metrics is None else dict(metrics),
-                                        "training": model.training}))
+                                        "training": model.training, "skipped": skipped}))
 
     @hookimpl
     def vermeer_phase_end(self, stage: int, phase: str, step: int, metrics: dict[str, float]) -> None:
@@ -174,6 +174,8 @@ def test_lifecycle_hooks_called_with_documented_arguments(tmp_path: Path) -> Non
     assert [(c["stage"], c["phase"]) for c in ends_] == [PHASE_OF_STEP[s] for s in range(1, 13)]
     assert [c["phase_step"] for c in ends_] == [1, 2, 3, 4, 5, 6, 1, 2, 1, 2, 3, 4]
     assert all(c["training"] for c in ends_)
+    assert all(isinstance(c["skipped"], torch.Tensor) and c["skipped"].ndim == 0 and float(c["skipped"]) == 0.0
+               for c in ends_)
     logged = {c["step"]: c["metrics"] for c in ends_ if c["metrics"] is not None}
     assert sorted(logged) == [5, 6, 8, 10, 12]
     for r in records:

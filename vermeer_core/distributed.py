@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DistInfo", "init_distributed", "shutdown", "parallelize"]
+__all__ = ["DistInfo", "init_distributed", "shutdown", "parallelize", "reshard_all", "default_fsdp_settings"]
 
 
 @dataclass
@@ -117,6 +117,8 @@ def parallelize(
     bf16: bool = False,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    reshard_after_forward: bool = True,
+    prefetch: int = 0,
 ) -> nn.Module:
     """FSDP2 (``fully_shard``) per repeated unit, then the root (torchtitan's recipe).
 
@@ -124,15 +126,24 @@ def parallelize(
     for it on GPU; on CPU it uses autocast instead, since gloo's reduce-scatter of bf16 is
     slow, but the policy works there too). Each unit casts its floating inputs to bf16; the
     root casts all of its inputs but log-SNR, which reaches the conditioning in fp32.
+
+    ``reshard_after_forward``: free each unit's gathered parameters after its forward (and
+    gather them again in backward); False keeps them gathered from forward to backward (less
+    traffic, more memory; a forward without backward, as in sampling, then leaves units
+    unsharded, so callers :func:`reshard_all` before touching parameters). ``prefetch``: units
+    whose all-gather each unit issues ahead in forward and backward (FSDP2's explicit prefetching; 0 = its implicit one-ahead behaviour). Chosen by
+    measurement: ``benchmarks/test_baselines.py::test_world_sizes``.
     """
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     units = sharded_units(model)
+    # forward's order (VermeerModel.forward): text, encoders, core blocks, decoders outward
+    order = [model.text, *model.encoders.values(), *getattr(model.core, "blocks", []), *reversed(model.decoders.values())]
     for unit in units:
         if activation_checkpointing and unit is not model.text:
             _checkpointed_forward(unit)
         if compile:
             unit.compile()
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if bf16:
         root_mp = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
@@ -141,4 +152,27 @@ def parallelize(
         model.register_forward_pre_hook(_cast_inputs_but_logsnr(torch.bfloat16), with_kwargs=True)
     else:
         fully_shard(model, mesh=mesh, mp_policy=mp)
+    if prefetch > 0:
+        for i, unit in enumerate(order):
+            unit.set_modules_to_forward_prefetch(order[i + 1:i + 1 + prefetch])  # type: ignore[operator]
+            unit.set_modules_to_backward_prefetch(order[max(0, i - prefetch):i][::-1])  # type: ignore[operator]
     return model
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Reshard every FSDP2 unit of ``model`` and the root: after a forward without backward
+    (sampling) gathered parameters stay in place (always the root's, every unit's when
+    ``reshard_after_forward=False``), and writes to parameters must reach the shards."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def default_fsdp_settings(device: torch.device) -> dict[str, Any]:
+    """``parallelize``'s FSDP2 settings for ``device``, chosen by measurement
+    (``benchmarks/test_baselines.py::test_world_sizes``, README "Performance"): on CPU (gloo,
+    where each collective is a blocking copy) keeping units gathered from forward to backward
+    saved ~30% of a world-size-2 step and explicit prefetching nothing measurable. On CUDA
+    FSDP2's defaults (reshard after forward: per-rank memory 1/world size, NCCL overlaps the
+    re-gather) stand: not measured here (no GPU was lent)."""
+    return {"reshard_after_forward": device.type == "cuda", "prefetch": 0}

@@ -10,16 +10,11 @@ generator states, and world sizes 1 and N see the same random numbers for the sa
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,85 +22,29 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vermeer_core.checkpoint import META_KEYS, Checkpointer
-from vermeer_core.diffusion import diffusion_loss
-from vermeer_core.distributed import DistInfo, parallelize
+from vermeer_core.distributed import DistInfo, default_fsdp_settings, parallelize, reshard_all
 from vermeer_core.ema import EMA
 from vermeer_core.errors import VermeerError
 from vermeer_core.io import atomic_write_text, join
 from vermeer_core.meta_init import build_meta_stage, materialize_sharded
-from vermeer_core.metrics import MetricsLog, memory_bytes, peak_flops
+from vermeer_core.metrics import MetricsLog, memory_bytes, peak_flops, trim_metrics
 from vermeer_core.plan import stage_forward_flops
 from vermeer_core.model import (
     VermeerModel, apply_phase, phase_groups, replay, stage_transfers,
 )
-from vermeer_core.optim import OptimState, build_optimizer, lr_factor, park_state
+from vermeer_core.optim import OptimState, build_optimizer, lr_factor, park_state, state_skeleton
 from vermeer_core.phases import PhaseError
 from vermeer_core.plugins import Plugins
 from vermeer_core.schedule_table import Slot, locate, step_table
-from vermeer_core.spec import RunSpec, dump_spec, spec_hash
+from vermeer_core.spec import RESUMABLE_CHANGES, RunSpec, dump_spec, spec_changes, spec_hash
+from vermeer_core.step import StepResult, TrainStep, make_loss_fn
 from vermeer_core.transfer import Transfer, TransferError, check_result
 
-__all__ = ["Engine", "RunError", "RESUMABLE_CHANGES", "spec_changes"]
+__all__ = ["Engine", "RunError", "RESUMABLE_CHANGES", "spec_changes"]  # the last two: moved to spec, re-exported
 
 
 class RunError(VermeerError):
     """The run cannot go on; the message says why and what is safe (e.g. the last checkpoint)."""
-
-
-#: Spec fields that may differ between a checkpoint and the spec it resumes under
-#: (``*`` matches one path element).
-RESUMABLE_CHANGES = (
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.verify_checkpoints",
-    "train.max_bad_steps",
-    "train.max_skipped_fraction",
-    "sampling.*",
-    "sampling.sampler.*",
-    "eval",
-    "eval.*",
-    "stages.*.growth.phases.*.steps",
-)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
-        out = {}
-        for i, v in enumerate(d):
-            out.update(_flatten(v, f"{prefix}{i}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def _allowed(path: str) -> bool:
-    parts = path.split(".")
-    for pattern in RESUMABLE_CHANGES:
-        pat = pattern.split(".")
-        if len(pat) <= len(parts) and all(p == "*" or p == q for p, q in zip(pat, parts)) and (
-            len(pat) == len(parts) or pat[-1] == "*"
-        ):
-            return True
-    return False
-
-
-def spec_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(refused, allowed) changed field paths between two resolved specs."""
-    a, b = _flatten(old), _flatten(new)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-    refused = [f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})" for k in changed if not _allowed(k)]
-    return refused, [k for k in changed if _allowed(k)]
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (stable across processes and Python versions)."""
-    h = hashlib.blake2b(",".join(map(str, values)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & (2**63 - 1)
 
 
 @dataclass
@@ -147,7 +86,7 @@ class Engine:
 
             check_eval(spec, self.registry, spec.stages[0].resolution)  # fail now, not after training
         self.metrics: MetricsLog | None = None
-        self.losses: list[tuple[int, float]] = []
+        self.trained = False  # whether this process ran any step (else no loss plot to redraw)
         # Non-finite steps: skipped in total (logged), in a row (spans phases and stages) and
         # in the current phase; all three are checkpointed, so a resume counts on.
         self.skipped_steps = 0
@@ -193,6 +132,7 @@ class Engine:
             bf16=self.bf16 and self.d.device.type == "cuda",
             activation_checkpointing=self.spec.train.activation_checkpointing,
             compile=self.spec.train.compile,
+            **default_fsdp_settings(self.d.device),
         )
         materialize_sharded(built, self.d.device)
         init_ema: dict[str, torch.Tensor] = {}
@@ -251,16 +191,7 @@ class Engine:
             self._say(f"checkpoint step {step} committed: {url}")
 
     def _load(self, url: str, model: nn.Module, ema: EMA, names: list[str]) -> OptimState:
-        params = dict(model.named_parameters())
-        optim: OptimState = {
-            n: {
-                "step": torch.zeros((), dtype=torch.float32),
-                "exp_avg": torch.zeros_like(params[n].detach()),
-                "exp_avg_sq": torch.zeros_like(params[n].detach()),
-            }
-            for n in names
-            if n in params  # checkpoints written before discarded modules' state was dropped
-        }
+        optim = state_skeleton(model, names)
         state = {"model": get_model_state_dict(model), "ema": ema.shadow, "optim": optim}
         self.ckpt.load(url, state)
         set_model_state_dict(model, state["model"])
@@ -364,7 +295,7 @@ class Engine:
             start = locate(self.slots, meta["stage"], meta["phase"], meta["step_in_phase"])
             self._say(f"resuming from step {start} (stage {meta['stage']}, phase {meta['phase_name']}) of {url}")
         if self.rank0:
-            _trim_metrics(join(self.out, "metrics.jsonl"), start)
+            trim_metrics(join(self.out, "metrics.jsonl"), start)
         self.metrics = MetricsLog(join(self.out, "metrics.jsonl") if self.rank0 else None, self.total, start, self.rank0)
         self._barrier()
         first_stage = meta["stage"] if meta else 0
@@ -435,8 +366,10 @@ class Engine:
         self, slot: Slot, first: int, model: nn.Module, ema: EMA, optim: OptimState, data: Any, it: Any,
         flops: int, peak: float | None,
     ) -> None:
-        spec = self.spec
-        o = spec.optim
+        """Steps ``first``..``slot.end`` of one phase: a loop over :class:`TrainStep`. The host
+        reads the device (one read per window, :meth:`_settle`) only at log steps, checkpoints
+        and the phase's end."""
+        spec, o = self.spec, self.spec.optim
         st = spec.stages[slot.stage]
         try:
             groups = phase_groups(model, slot.phase)
@@ -445,107 +378,108 @@ class Engine:
         trainable = apply_phase(model, slot.phase)
         opt = build_optimizer(model, groups, optim, lr=o.lr * slot.phase.lr_mult, betas=o.betas, eps=o.eps,
                               weight_decay=o.weight_decay)
-        params = [p for n, p in model.named_parameters() if n in trainable]
         if first == slot.start:
             self.phase_skipped = 0  # a fresh phase (else resumed inside it: restored from the checkpoint)
-        max_skipped = spec.train.max_skipped_fraction * slot.phase.steps
         stage_end = max(s.end for s in self.slots if s.stage == slot.stage)
-        local = st.batch_size // self.d.world_size
+        base_lr = o.lr * slot.phase.lr_mult
+        train_step = TrainStep(
+            model=model, ema=ema, opt=opt, trainable=trainable,
+            loss_fn=make_loss_fn(schedule=self.schedule, resolution=st.resolution,
+                                 prediction=spec.diffusion.prediction, cond_drop=spec.diffusion.cond_drop),
+            lr_at=lambda step: base_lr * lr_factor(step - slot.start, slot.phase.steps, o.warmup_steps, o.decay),
+            first=first, seed=spec.seed, grad_clip=o.grad_clip, device=self.d.device, rank=self.d.rank,
+            world_size=self.d.world_size, local_batch=st.batch_size // self.d.world_size,
+            autocast_bf16=self.bf16 and self.d.device.type == "cpu",
+        )
+        pending: list[StepResult] = []
         last: dict[str, Any] = {}
         t_log, imgs = time.perf_counter(), 0
         model.train()
         self.plugins.hook.vermeer_phase_start(stage=slot.stage, phase=slot.phase, step=first,
                                               phase_step=first - slot.start, model=model, optimizer=opt)
-        for step in range(first, slot.end):
-            batch = next(it)
-            k = step - slot.start
-            lr = o.lr * slot.phase.lr_mult * lr_factor(k, slot.phase.steps, o.warmup_steps, o.decay)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_mult"]
-            torch.manual_seed(_mix(spec.seed, step, self.d.rank, 1))
-            # Seed by position i*w + r in the global batch: where rank r's i-th example sits when
-            # a dataset interleaves ranks (synthetic: rank r takes samples r, r+w, ...), so each
-            # image gets the same noise at any world size (rank*local + i would not).
-            world = self.d.world_size
-            gens = [
-                torch.Generator(device=self.d.device).manual_seed(_mix(spec.seed, step, i * world + self.d.rank))
-                for i in range(local)
-            ]
-            images = batch.images.to(self.d.device, non_blocking=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16 and self.d.device.type == "cpu"):
-                loss = diffusion_loss(
-                    model, images, batch.captions, schedule=self.schedule, resolution=st.resolution,
-                    prediction=spec.diffusion.prediction, cond_drop=spec.diffusion.cond_drop, generator=gens,
-                )
-            done = step + 1  # steps are counted 1-based in metrics, checkpoints and messages
-            if _fault_nan(done):
-                loss = loss * float("nan")
-            loss.backward()
-            grad_norm = _clip(params, o.grad_clip)
-            # on the training device: NCCL reduces CUDA tensors only
-            stats = torch.stack([loss.detach().float(), torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0,
-                                                                     device=loss.device)])
-            if self.d.world_size > 1:
-                dist.all_reduce(stats)
-                stats[0] /= self.d.world_size
-            loss_v = float(stats[0])
-            if not math.isfinite(loss_v) or stats[1] > 0:
-                opt.zero_grad(set_to_none=True)
-                self.bad_in_row += 1
-                self.skipped_steps += 1
-                self.phase_skipped += 1
-                self._say(f"step {done}: non-finite loss/gradient, step skipped ({self.bad_in_row} in a row)")
-                fix = "Lower optim.lr, raise optim.warmup_steps or enable optim.grad_clip, then resume"
-                if self.bad_in_row >= spec.train.max_bad_steps:
-                    latest = self.ckpt.latest()
-                    raise RunError(
-                        f"loss was not finite for {self.bad_in_row} steps in a row (stage {slot.stage}, phase "
-                        f"{slot.phase.name}, step {done}); stopped. Last good checkpoint: {latest or 'none'}. {fix}"
-                    )
-                if self.phase_skipped > max_skipped:
-                    latest = self.ckpt.latest()
-                    raise RunError(
-                        f"phase {slot.phase.name} of stage {slot.stage} skipped {self.phase_skipped} of its "
-                        f"{slot.phase.steps} steps as non-finite (step {done}), more than "
-                        f"train.max_skipped_fraction={spec.train.max_skipped_fraction:g} of them; stopped. "
-                        f"Last good checkpoint: {latest or 'none'}. {fix}"
-                    )
-                if self.metrics:
-                    self.metrics.advance()
-                continue
-            self.bad_in_row = 0
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update(model, trainable)
-            imgs += st.batch_size
-            self.losses.append((done, loss_v))
+        for _ in range(first, slot.end):
+            result = train_step(next(it))
+            pending.append(result)
+            done = result.step
+            log = done % spec.train.log_every == 0 or done == slot.end
+            save = self._checkpoint_due(done, stage_end)
+            if log or save:
+                applied, loss, norm = self._settle(pending, slot, ema)
+                imgs += st.batch_size * sum(applied)
+                pending = []
+                if log and applied[-1]:  # a skipped step writes no record
+                    dt = time.perf_counter() - t_log
+                    ips = imgs / dt if dt > 0 else 0.0
+                    achieved = 3 * flops * ips  # forward + backward ~ 3x forward FLOPs
+                    last = {
+                        "step": done, "stage": slot.stage, "phase": slot.phase.name, "resolution": st.resolution,
+                        "loss": loss, "lr": result.lr, **{f"lr/{g.name}": result.lr * g.lr_mult for g in groups},
+                        "grad_norm": norm, "images_per_s": ips,
+                        "tflops": achieved / 1e12, "mfu": (achieved / self.d.world_size / peak) if peak else None,
+                        "mem_bytes": memory_bytes(self.d.device), "skipped_steps": self.skipped_steps,
+                        **self._state_bytes(model, opt, optim), "time": time.time(),
+                    }
+                    stats = getattr(data, "stats", None)  # optional: e.g. skipped corrupt samples by reason
+                    if callable(stats):
+                        last.update({f"data_{k}": v for k, v in stats().items()})
+                    self.metrics.log(last)  # type: ignore[union-attr]
+                    t_log, imgs = time.perf_counter(), 0
             if self.metrics:
                 self.metrics.advance()
-            if done % spec.train.log_every == 0 or done == slot.end:
-                dt = time.perf_counter() - t_log
-                ips = imgs / dt if dt > 0 else 0.0
-                achieved = 3 * flops * ips  # forward + backward ~ 3x forward FLOPs
-                last = {
-                    "step": done, "stage": slot.stage, "phase": slot.phase.name, "resolution": st.resolution,
-                    "loss": loss_v, "lr": lr, **{f"lr/{g.name}": lr * g.lr_mult for g in groups},
-                    "grad_norm": grad_norm, "images_per_s": ips,
-                    "tflops": achieved / 1e12, "mfu": (achieved / self.d.world_size / peak) if peak else None,
-                    "mem_bytes": memory_bytes(self.d.device), "skipped_steps": self.skipped_steps,
-                    **self._state_bytes(model, opt, optim), "time": time.time(),
-                }
-                stats = getattr(data, "stats", None)  # optional: e.g. skipped corrupt samples by reason
-                if callable(stats):
-                    last.update({f"data_{k}": v for k, v in stats().items()})
-                self.metrics.log(last)
-                t_log, imgs = time.perf_counter(), 0
-            self.plugins.hook.vermeer_step_end(stage=slot.stage, phase=slot.phase, step=done, phase_step=k + 1,
-                                               model=model, metrics=last if last.get("step") == done else None)
-            # Stage ends are checkpointed by _run_stage, after the stage's samples exist.
-            if done % spec.train.checkpoint_every == 0 and done != stage_end:
+            self.plugins.hook.vermeer_step_end(stage=slot.stage, phase=slot.phase, step=done,
+                                               phase_step=done - slot.start, model=model,
+                                               metrics=last if last.get("step") == done else None,
+                                               skipped=result.skipped)
+            # Stage ends are checkpointed by _run_stage, after the stage's samples exist; a
+            # skipped step is not checkpointed (the next good checkpoint step will be).
+            if save and applied[-1]:
                 park_state(opt, optim)
                 self._save(done, slot, model, ema, optim, data)
         park_state(opt, optim)
+        self.trained = True
         self.plugins.hook.vermeer_phase_end(stage=slot.stage, phase=slot.phase.name, step=slot.end, metrics=last)
+
+    def _checkpoint_due(self, done: int, stage_end: int) -> bool:
+        """Whether step ``done`` (1-based) is a checkpoint step of the training loop (every
+        ``train.checkpoint_every``; a stage's last step is saved by :meth:`_run_stage`)."""
+        return done % self.spec.train.checkpoint_every == 0 and done != stage_end
+
+    def _settle(self, pending: list[StepResult], slot: Slot, ema: EMA) -> tuple[list[bool], float, float]:
+        """Read the window of steps since the last read (one host-device sync) and count its
+        non-finite steps in order, as if each had been checked when it ran: the counters,
+        messages and stop conditions are exact, only noticed late (up to ``log_every - 1``
+        steps, which ran and were discarded with the run: no checkpoint is written after the
+        step that broke a limit). Returns (applied per step, last loss, last grad norm)."""
+        last = pending[-1]
+        values = torch.stack([*(r.skipped for r in pending), last.loss, last.grad_norm]).tolist()
+        ema.settle()
+        skipped = [v > 0 for v in values[:-2]]
+        spec = self.spec
+        max_skipped = spec.train.max_skipped_fraction * slot.phase.steps
+        fix = "Lower optim.lr, raise optim.warmup_steps or enable optim.grad_clip, then resume"
+        for r, bad in zip(pending, skipped):
+            if not bad:
+                self.bad_in_row = 0
+                continue
+            self.bad_in_row += 1
+            self.skipped_steps += 1
+            self.phase_skipped += 1
+            self._say(f"step {r.step}: non-finite loss/gradient, step skipped ({self.bad_in_row} in a row)")
+            late = "" if r.step == last.step else f" (noticed at step {last.step}, when the device was read)"
+            if self.bad_in_row >= spec.train.max_bad_steps:
+                raise RunError(
+                    f"loss was not finite for {self.bad_in_row} steps in a row (stage {slot.stage}, phase "
+                    f"{slot.phase.name}, step {r.step}){late}; stopped. Last good checkpoint: "
+                    f"{self.ckpt.latest() or 'none'}. {fix}"
+                )
+            if self.phase_skipped > max_skipped:
+                raise RunError(
+                    f"phase {slot.phase.name} of stage {slot.stage} skipped {self.phase_skipped} of its "
+                    f"{slot.phase.steps} steps as non-finite (step {r.step}){late}, more than "
+                    f"train.max_skipped_fraction={spec.train.max_skipped_fraction:g} of them; stopped. "
+                    f"Last good checkpoint: {self.ckpt.latest() or 'none'}. {fix}"
+                )
+        return [not b for b in skipped], values[-2], values[-1]
 
     def _state_bytes(self, model: nn.Module, opt: torch.optim.Optimizer, optim: OptimState) -> dict[str, int]:
         """Bytes of parameters and of optimizer state (live and parked) held by the largest rank:
@@ -567,9 +501,10 @@ class Engine:
             images = generate(model, s.prompts, spec=self.spec, schedule=self.schedule, sampler=self.sampler,
                               resolution=st.resolution, device=self.d.device, rank=self.d.rank,
                               world_size=self.d.world_size)
-            # FSDP2 keeps the root's parameters unsharded after a forward (it expects a backward);
-            # reshard so the EMA swap restores into the sharded parameters.
-            model.reshard()
+            # FSDP2 keeps the root's parameters (and, without reshard_after_forward, every
+            # unit's) unsharded after a forward (it expects a backward); reshard so the EMA
+            # swap restores into the sharded parameters.
+            reshard_all(model)
         if self.rank0:
             name = f"stage{stage}-{st.resolution}px"
             save_grid(images, s.prompts, join(self.out, "samples", name + ".png"))
@@ -592,7 +527,7 @@ class Engine:
                 steps=e.steps, guidance=e.guidance, batch_size=e.batch_size, rank0=self.rank0,
                 rank=self.d.rank, world_size=self.d.world_size,
             )
-            model.reshard()  # as in _write_samples: restore the EMA swap into sharded parameters
+            reshard_all(model)  # as in _write_samples: restore the EMA swap into sharded parameters
         if result is not None and self.metrics is not None:
             base = join(self.out, "eval", f"stage{stage}")
             info = {"stage": stage, "step": step, "resolution": st.resolution, "seed": e.seed}
@@ -604,30 +539,11 @@ class Engine:
         self._barrier()
 
     def _plot_losses(self) -> None:
-        if not self.losses:
+        if not self.trained:
             return
         from vermeer_core.sampling import plot_losses
 
         plot_losses(join(self.out, "metrics.jsonl"), join(self.out, "loss.png"))
-
-
-def _trim_metrics(url: str, start: int) -> None:
-    """Drop the records of steps after ``start`` (a killed run logged steps that are now run
-    again) and a line torn by the kill, so the file keeps one record per logged step."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        return
-    with fs.open(path, "r") as f:
-        lines = f.read().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= start:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # torn or foreign line
-    if len(keep) != len(lines):
-        atomic_write_text(url, "".join(line + "\n" for line in keep))
 
 
 @dataclass
@@ -691,16 +607,6 @@ def _place(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return _full(value).to(device=ref.device, dtype=ref.dtype).clone()
 
 
-def _fault_nan(step: int) -> bool:
-    """Test-only fault injection: ``VERMEER_FAULT=nan:<first>-<last>`` makes the loss NaN at
-    those global steps (1-based, as metrics count them; proves the skip-and-stop path)."""
-    spec = os.environ.get("VERMEER_FAULT", "")
-    if not spec.startswith("nan:"):
-        return False
-    lo, _, hi = spec[4:].partition("-")
-    return int(lo) <= step <= int(hi or lo)
-
-
 def _local_bytes(tensors: Any) -> int:
     """Bytes this rank stores for ``tensors`` (a DTensor counts its local shard only)."""
     total = 0
@@ -708,16 +614,3 @@ def _local_bytes(tensors: Any) -> int:
         local = t.to_local() if isinstance(t, DTensor) else t
         total += local.numel() * local.element_size()
     return total
-
-
-def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    else:
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)

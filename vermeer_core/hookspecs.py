@@ -91,18 +91,20 @@ def vermeer_phase_start(
 
 @hookspec
 def vermeer_step_end(
-    stage: int, phase: Phase, step: int, phase_step: int, model: nn.Module, metrics: dict[str, Any] | None
+    stage: int, phase: Phase, step: int, phase_step: int, model: nn.Module, metrics: dict[str, Any] | None,
+    skipped: torch.Tensor,
 ) -> None:
-    """Called by the engine on every rank after each optimizer step that was applied (a step
-    skipped for a non-finite loss does not call it), before that step's checkpoint is saved,
-    so state a plugin changes here is in that checkpoint.
+    """Called by the engine on every rank after each training step, before that step's
+    checkpoint is saved, so state a plugin changes here is in that checkpoint.
 
     ``step`` is the global step just done (1-based, as in ``metrics.jsonl``), ``phase_step``
     the steps done in ``phase`` so far (1 after its first step), ``model`` the sharded model.
     ``metrics`` is the record just written to ``metrics.jsonl`` on a log step (every
-    ``train.log_every`` steps and a phase's last step), else ``None``: the engine never reads a
-    device value just for this hook, so it costs no host-device sync; read tensors yourself
-    only when you must. Return value ignored.
+    ``train.log_every`` steps and a phase's last step), else ``None``. ``skipped`` is a 0-d
+    tensor on the training device, 1.0 when the step's update was skipped for a non-finite
+    loss or gradient (the engine decides that on the device and reads it only at log steps).
+    The engine never reads a device value just for this hook, so it costs no host-device
+    sync; read tensors (``skipped`` included) yourself only when you must. Return value ignored.
     """
 
 

@@ -13,7 +13,7 @@ import torch
 
 from vermeer_core.io import atomic_write_text, is_local_fs
 
-__all__ = ["MetricsLog", "peak_flops", "memory_bytes"]
+__all__ = ["MetricsLog", "peak_flops", "memory_bytes", "trim_metrics"]
 
 # Dense bf16 peak of known accelerators (vendor data sheets), for MFU. Unknown devices (CPUs
 # included) report no MFU rather than a guessed one.
@@ -117,3 +117,22 @@ class MetricsLog:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def trim_metrics(url: str, start: int) -> None:
+    """Drop the records of steps after ``start`` (a killed run logged steps that are now run
+    again) and a line torn by the kill, so the file keeps one record per logged step."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return
+    with fs.open(path, "r") as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= start:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # torn or foreign line
+    if len(keep) != len(lines):
+        atomic_write_text(url, "".join(line + "\n" for line in keep))

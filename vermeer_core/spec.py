@@ -31,6 +31,8 @@ __all__ = [
     "apply_overrides",
     "spec_hash",
     "dump_spec",
+    "RESUMABLE_CHANGES",
+    "spec_changes",
 ]
 
 
@@ -135,7 +137,12 @@ class TrainSpec(_Strict):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: FSDP MixedPrecisionPolicy on CUDA, autocast on CPU"
     )
-    log_every: int = Field(10, gt=0)
+    log_every: int = Field(
+        10, gt=0,
+        description="steps between metrics records; also how often the host reads the device (non-finite "
+        "steps are skipped on the device at once, but counted against max_bad_steps/max_skipped_fraction "
+        "only then, so a stop can come up to log_every-1 steps late)",
+    )
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, ge=2)
     verify_checkpoints: bool = Field(
@@ -450,3 +457,54 @@ def dump_spec(spec: BaseModel) -> str:
 def spec_hash(spec: BaseModel) -> str:
     canon = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+# --- what a resume may change -----------------------------------------------------------------
+#: Spec fields that may differ between a checkpoint and the spec it resumes under
+#: (``*`` matches one path element).
+RESUMABLE_CHANGES = (
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.verify_checkpoints",
+    "train.max_bad_steps",
+    "train.max_skipped_fraction",
+    "sampling.*",
+    "sampling.sampler.*",
+    "eval",
+    "eval.*",
+    "stages.*.growth.phases.*.steps",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _allowed(path: str) -> bool:
+    parts = path.split(".")
+    for pattern in RESUMABLE_CHANGES:
+        pat = pattern.split(".")
+        if len(pat) <= len(parts) and all(p == "*" or p == q for p, q in zip(pat, parts)) and (
+            len(pat) == len(parts) or pat[-1] == "*"
+        ):
+            return True
+    return False
+
+
+def spec_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(refused, allowed) changed field paths between two resolved specs."""
+    a, b = _flatten(old), _flatten(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    refused = [f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})" for k in changed if not _allowed(k)]
+    return refused, [k for k in changed if _allowed(k)]
