@@ -285,7 +285,7 @@ def _torchrun(n: int, out: Path, steps: int) -> dict[str, Any]:
 
 def test_world_sizes(bench: Any, tmp_path: Path) -> None:
     """World size 1 vs 2 (gloo, CPU): the quickstart core step at its global batch 24."""
-    results = [_torchrun(1, tmp_path / "ws1.json", 4), _torchrun(2, tmp_path / "ws2.json", 4)]
+    results = [_torchrun(1, tmp_path / "ws1.json", 4), _torchrun(2, tmp_path / "ws2.json", 6)]
     group = "fsdp/cpu/quickstart-r32"
     base = results[0]["variants"][0]["ms"]
     for res in results:
@@ -293,10 +293,11 @@ def test_world_sizes(bench: Any, tmp_path: Path) -> None:
             name = f"ws{res['world_size']}/{row['variant']}"
             bench.record(group, name, baseline=res["world_size"] == 1, device="cpu",
                          images_per_s=row["global_batch"] / (row["ms"] / 1e3),
-                         rss_peak_mib_per_rank=[b / 2**20 for b in row["rss_hwm_bytes_per_rank"]],
+                         rss_peak_mib_per_rank=[b / 2**20 for b in row["rss_hwm_bytes_per_rank"] or []] or None,
                          param_bytes_per_rank=row["param_bytes_per_rank"], optim_bytes_per_rank=row["optim_bytes_per_rank"],
                          speedup_vs_ws1=base / row["ms"],
-                         note=f"rss peak/rank MiB {[round(b / 2**20) for b in row['rss_hwm_bytes_per_rank']]}",
+                         note=(f"rss peak/rank MiB {[round(b / 2**20) for b in row['rss_hwm_bytes_per_rank']]}"
+                               if row["rss_hwm_bytes_per_rank"] else ""),
                          **{k: row[k] for k in ("ms", "ms_min", "ms_max", "repeats")})
 
 

@@ -83,7 +83,8 @@ def make_step(
     autocast_bf16: bool, per_example_rng: bool = False, fused_adamw: bool = False,
 ) -> Callable[[], None]:
     """One training step of ``model`` (already on ``device``) in ``phase`` on a fixed batch.
-    AdamW as the engine builds it (torch's default implementation) unless ``fused_adamw``."""
+    AdamW in torch's default (foreach) implementation unless ``fused_adamw`` (what the engine
+    picks where the kernel exists: ``build_optimizer(fused=None)``)."""
     reg = get_registry()
     resolution = spec.stages[stage].resolution
     names = apply_phase(model, phase)  # type: ignore[arg-type]

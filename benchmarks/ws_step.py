@@ -6,8 +6,10 @@ Every rank builds a quickstart stage (:mod:`specs/quickstart.yaml`), shards it w
 engine's :func:`~vermeer_core.distributed.parallelize` (each FSDP2 variant below in turn), and
 times :class:`~vermeer_core.step.TrainStep` on the stage's global batch split over the ranks,
 with a barrier and a device read closing each timed block (so a step's queued work is in its
-time). Memory per rank: the resident-set high-water mark (``VmHWM``, reset before each variant
-through ``/proc/self/clear_refs``) and the bytes of this rank's parameter and optimizer shards.
+time); the variants are timed in interleaved rounds, so a shared machine's drift lands on all
+alike. Memory per rank: the resident-set high-water mark (``VmHWM``) after the first
+variant's warm-up (later variants' peaks would include the earlier ones' models) and the
+bytes of each variant's parameter and optimizer shards.
 Rank 0 writes one JSON object: ``{"world_size": N, "variants": [...]}``. Used by
 ``test_baselines.py::test_world_sizes``; standalone for a quick look.
 """
@@ -50,15 +52,6 @@ def vm_hwm_bytes() -> int | None:
     return None
 
 
-def reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def local_bytes(tensors: Any) -> int:
     total = 0
     for t in tensors:
@@ -86,9 +79,9 @@ def main() -> None:
     chosen = [v for v in VARIANTS if v[0] in args.variants.split(",")]
     if d.world_size == 1:
         chosen = chosen[:1]  # nothing to shard: the settings do not apply
-    rows = []
+    built = []
+    hwm_first = None
     for name, reshard, prefetch in chosen:
-        reset_hwm()
         torch.manual_seed(0)
         prev = None
         for k in range(stage + 1):  # grow up to the stage, as the engine's chain does
@@ -98,9 +91,8 @@ def main() -> None:
                     reshard_after_forward=reshard, prefetch=prefetch)
         names = apply_phase(model, phase)
         opt = build_optimizer(model, names, {}, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
-        ema = EMA(model, 0.999)
         step = TrainStep(
-            model=model, ema=ema, opt=opt, trainable=names,
+            model=model, ema=EMA(model, 0.999), opt=opt, trainable=names,
             loss_fn=make_loss_fn(schedule=reg.build(spec.diffusion.schedule, "noise_schedule"),
                                  resolution=st.resolution, prediction=spec.diffusion.prediction,
                                  cond_drop=spec.diffusion.cond_drop),
@@ -110,28 +102,35 @@ def main() -> None:
         )
         for _ in range(2):
             step(batch)
-        times = []
-        for _ in range(args.steps):
+        if hwm_first is None:  # only the first variant's peak is its own (the others add to it)
+            hwm_first = vm_hwm_bytes() or 0
+        built.append((name, reshard, prefetch, model, opt, step))
+    # Interleaved rounds (the variants take turns, each round starting elsewhere): a shared
+    # machine's drift lands on all alike.
+    times: dict[str, list[float]] = {b[0]: [] for b in built}
+    for rnd in range(args.steps):
+        for name, _, _, _, _, step in built[rnd % len(built):] + built[: rnd % len(built)]:
             dist.barrier()
             t0 = time.perf_counter()
             r = step(batch)
             float(r.loss)  # the step's device work is done
             dist.barrier()
-            times.append((time.perf_counter() - t0) * 1e3)
-        mem = torch.tensor([vm_hwm_bytes() or 0, local_bytes(model.parameters()),
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    rows = []
+    for i, (name, reshard, prefetch, model, opt, step) in enumerate(built):
+        mem = torch.tensor([hwm_first if i == 0 else 0, local_bytes(model.parameters()),
                             local_bytes(t for s in opt.state.values() for t in s.values())], dtype=torch.float64)
         mems = [torch.zeros_like(mem) for _ in range(d.world_size)]
         dist.all_gather(mems, mem)
+        t = times[name]
         rows.append({
             "variant": name, "reshard_after_forward": reshard, "prefetch": prefetch,
             "world_size": d.world_size, "resolution": st.resolution, "global_batch": st.batch_size,
-            "ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "repeats": len(times),
-            "rss_hwm_bytes_per_rank": [int(m[0]) for m in mems],
+            "ms": statistics.median(t), "ms_min": min(t), "ms_max": max(t), "repeats": len(t),
+            "rss_hwm_bytes_per_rank": [int(m[0]) for m in mems] if i == 0 else None,
             "param_bytes_per_rank": [int(m[1]) for m in mems],
             "optim_bytes_per_rank": [int(m[2]) for m in mems],
-            "loss": float(r.loss),
         })
-        del model, opt, ema, step
     if d.rank == 0:
         Path(args.out).write_text(json.dumps({"world_size": d.world_size, "variants": rows}, indent=1))
     shutdown()
