@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from webdataset import TarWriter
 
+from vermeer_core.cli import main
 from vermeer_plugins.folder import folder_shards
 from vermeer_plugins.shards import iter_shard, load_image, resolve_shards
 from vermeer_plugins.webdataset import WebDatasetConfig, build_webdataset
@@ -110,19 +111,20 @@ def test_from_folder_with_csv_and_jsonl_captions(folder, tmp_path):
     ("bad.jsonl", '{"path": "a.jpg"}\n', "line 1: expected a path and a caption"),
     ("bad.txt", "a.jpg,x\n", "expected a .csv or .jsonl"),
 ])
-def test_from_folder_bad_caption_files_are_messages(folder, tmp_path, name, content, message):
+def test_from_folder_bad_caption_files_are_messages(folder, tmp_path, capsys, name, content, message):
     (tmp_path / name).write_text(content)
-    r = vermeer("data", "from-folder", str(folder), "--out", str(tmp_path / "o"), "--captions", str(tmp_path / name))
-    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    code = main(["data", "from-folder", str(folder), "--out", str(tmp_path / "o"), "--captions", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_from_folder_without_usable_images_is_a_message(tmp_path):
+def test_from_folder_without_usable_images_is_a_message(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    r = vermeer("data", "from-folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
-    assert r.returncode == 1 and "no usable captioned image" in r.stderr
-    r = vermeer("data", "from-folder", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
-    assert r.returncode == 1 and "is not a directory" in r.stderr
+    assert main(["data", "from-folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
+    assert "no usable captioned image" in capsys.readouterr().err
+    assert main(["data", "from-folder", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
 
 
 # --- img2dataset's layout ----------------------------------------------------------------------

@@ -20,6 +20,8 @@ __all__ = ["main", "build_parser"]
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="path to a YAML run spec (see specs/)")
+    p.add_argument("--no-size-check", action="store_true",
+                   help="accept a spec whose training memory (plan's estimate, all ranks) exceeds 256 TiB")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -37,6 +39,10 @@ def _load_checked(args: argparse.Namespace, registry: Registry) -> RunSpec:
 
     spec = load_spec(args.spec, registry, args.overrides)
     check_growth(spec, registry, args.spec)
+    if not args.no_size_check:
+        from vermeer_core.memcheck import check_sane
+
+        check_sane(spec, registry, args.spec)
     return spec
 
 
@@ -129,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--smoke", action="store_true",
                    help="every stage and phase for 2 steps with tiny widths (checks a schedule end to end on CPU)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start even when plan's per-rank peak exceeds the memory this machine offers")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sample", help="generate images from a checkpoint, run directory or .safetensors")
@@ -186,11 +194,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         spec = smoke_spec(spec, plugins.registry, world_size=max(1, args.nproc_per_node))
     out = args.out or join("runs", spec.name)
+    if not args.no_memory_check and "RANK" not in os.environ:  # once, in the launching process
+        from vermeer_core.memcheck import check_fits
+
+        check_fits(spec, plugins.registry, args.spec, world_size=max(1, args.nproc_per_node),
+                   device=_device(args.device))
     if args.nproc_per_node > 1 and "RANK" not in os.environ:
         # torch's launcher starts N copies of this same command (without --nproc-per-node)
         cleaned = ["run", args.spec, "--out", out, "--resume", args.resume, "--device", args.device]
         if args.smoke:
             cleaned.append("--smoke")
+        if args.no_size_check:
+            cleaned.append("--no-size-check")
         for item in args.overrides:
             cleaned += ["--set", item]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -327,3 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:  # noqa: BLE001 - only a full disk becomes a message; the rest re-raised
+        from vermeer_core.io import disk_full, disk_full_message
+
+        full = disk_full(exc)
+        if full is None:
+            raise
+        print(f"error: {disk_full_message(full, getattr(args, 'out', None))}", file=sys.stderr)
+        return 1

@@ -118,6 +118,40 @@ def export_safetensors(url: str, out: str, registry: Registry, *, verify: bool =
     return {"tensors": len(tensors), "stage": stage, "resolution": model.resolution}
 
 
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def _safetensors_metadata(blob: bytes, url: str) -> tuple[Any, int]:
+    """(the spec mapping, stage) from a vermeer safetensors export's header, or
+    :class:`InferenceError` saying what is wrong with the file (no traceback)."""
+    def bad(why: str) -> InferenceError:
+        return InferenceError(f"{url} is not a vermeer safetensors export: {why}; export it with `vermeer export`")
+
+    if len(blob) < 8:
+        raise bad(f"{len(blob)} bytes, shorter than the 8-byte header length")
+    header_len = int.from_bytes(blob[:8], "little")
+    if header_len > min(_MAX_HEADER, len(blob) - 8):
+        raise bad(f"its header claims {header_len} bytes but the file has {len(blob) - 8} after the length "
+                  "(truncated or not safetensors)")
+    try:
+        header = json.loads(blob[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or "vermeer_spec" not in metadata:
+        raise bad("no vermeer_spec metadata")
+    try:
+        spec_data = json.loads(metadata["vermeer_spec"])
+        stage = int(metadata["stage"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise bad(f"its vermeer_spec/stage metadata is malformed ({type(exc).__name__}: {exc})") from None
+    if not isinstance(spec_data, dict) or stage < 0:
+        raise bad("its vermeer_spec metadata is not a spec mapping, or its stage is negative")
+    return spec_data, stage
+
+
 def load_model(url: str, registry: Registry, *, verify: bool = True) -> tuple[RunSpec, VermeerModel, int]:
     """From a ``.safetensors`` export or a checkpoint/run directory."""
     if url.endswith(".safetensors"):
@@ -128,14 +162,23 @@ def load_model(url: str, registry: Registry, *, verify: bool = True) -> tuple[Ru
             raise InferenceError(f"no such weights file: {url}")
         with fs.open(path, "rb") as f:
             blob = f.read()
-        header_len = int.from_bytes(blob[:8], "little")
-        metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
-        if "vermeer_spec" not in metadata:
-            raise InferenceError(f"{url} has no vermeer_spec metadata; export it with `vermeer export`")
-        spec = parse_spec(json.loads(metadata["vermeer_spec"]), registry, source=url)
-        stage = int(metadata["stage"])
+        spec_data, stage = _safetensors_metadata(blob, url)
+        spec = parse_spec(spec_data, registry, source=url)
+        if stage >= len(spec.stages):
+            raise InferenceError(f"{url}: its metadata says stage {stage}, but its spec has {len(spec.stages)} stages; "
+                                 "export it again with `vermeer export`")
         model = replay(spec, registry, stage)
-        model.load_state_dict(load(blob))
+        try:
+            state = load(blob)
+        except Exception as exc:  # noqa: BLE001 - safetensors' own SafetensorError and friends
+            raise InferenceError(f"{url} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
+                                 "export it again with `vermeer export`") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[:3]
+            raise InferenceError(f"{url}: its tensors do not match the model its spec describes at stage {stage}: "
+                                 f"{' '.join(first)}; export it again with `vermeer export`") from None
         return spec, model, stage
     return load_checkpoint(url, registry, verify=verify)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import posixpath
 import uuid
 from collections.abc import Iterator
@@ -12,11 +13,12 @@ import fsspec
 
 from vermeer_core.errors import VermeerError
 
-__all__ = ["StorageError", "atomic_write_bytes", "atomic_write_text", "join", "storage_errors"]
+__all__ = ["StorageError", "atomic_write_bytes", "atomic_write_text", "disk_full", "disk_full_message", "join",
+           "storage_errors"]
 
 
 class StorageError(VermeerError):
-    """Reading or writing ``url`` failed; ``kind`` is "missing", "denied" or "failed"."""
+    """Reading or writing ``url`` failed; ``kind`` is "missing", "denied", "failed" or "full" (no space)."""
 
     def __init__(self, message: str, url: str, kind: str) -> None:
         super().__init__(message)
@@ -29,7 +31,38 @@ _ADVICE = {
     "denied": "check the credentials fsspec uses (for gs://: GOOGLE_APPLICATION_CREDENTIALS or "
     "`gcloud auth application-default login`) and that this account may access the bucket",
     "failed": "the storage kept failing after the filesystem's own retries; try again later",
+    "full": "free space on that disk (old runs, exported files; a run keeps train.keep_checkpoints checkpoints) "
+    "or write to another disk (--out); a run then continues from its last committed checkpoint with --resume auto",
 }
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The "no space left" / "quota exceeded" error behind ``exc`` (its causes, contexts and
+    DCP's per-rank failures included), or None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) and f else f for f in failures.values()
+                     if isinstance(f, BaseException) or (isinstance(f, tuple) and f)]
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def disk_full_message(exc: OSError, url: str | None = None) -> str:
+    """What to tell the user when the disk filled up while writing (``url``: where, if known)."""
+    where = exc.filename or url
+    what = "the quota is exceeded" if exc.errno == errno.EDQUOT else "the disk is full"
+    return f"{what} while writing{f' {where}' if where else ''} ({exc.strerror}); {_ADVICE['full']}"
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -45,6 +78,8 @@ def _root_cause(exc: BaseException) -> BaseException:
 def _classify(exc: BaseException) -> str | None:
     """"missing", "denied", "failed", or None for errors that are not the storage's."""
     code = getattr(exc, "code", None) if not isinstance(exc, OSError) else None
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return "full"
     if isinstance(exc, FileNotFoundError) or code == 404:
         return "missing"
     # gcsfs raises a plain OSError("Forbidden: ..."); s3fs and local files PermissionError
@@ -70,7 +105,8 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
         kind = _classify(cause)
         if kind is None:
             raise
-        what = {"missing": "not found", "denied": "access denied", "failed": "storage error"}[kind]
+        what = {"missing": "not found", "denied": "access denied", "failed": "storage error",
+                "full": "no space left"}[kind]
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise StorageError(
             f"cannot {action} {url}: {what} ({type(cause).__name__}: {detail}); {_ADVICE[kind]}", url, kind

@@ -86,7 +86,7 @@ DEFAULT_PROMPTS = (
 
 class SamplingSpec(_Strict):
     sampler: Any = _ref({"type": "dpmpp-2m"}, "reverse-process solver")
-    steps: int = Field(32, gt=0)
+    steps: int = Field(32, gt=0, le=10_000, description="sampling steps (at most 10000)")
     grid: Literal["logsnr", "t"] = Field(
         "logsnr", description="spacing of the sampler's noise levels: uniform in log-SNR or in t"
     )
@@ -102,13 +102,13 @@ class EvalSpec(_Strict):
     """Evaluation at the end of every stage (and the defaults of ``vermeer eval``): images for
     held-out prompts of the run's dataset, scored by ``metric`` components."""
 
-    prompts: int = Field(64, gt=0, description="number of held-out prompts")
+    prompts: int = Field(64, gt=0, le=100_000, description="number of held-out prompts")
     seed: int = Field(1234, ge=0, description="which held-out prompts, and the sampling noise")
     metrics: list[Any] = Field(
         default_factory=lambda: [dict(m) for m in DEFAULT_METRICS], validate_default=True,
         description="metric components, e.g. [{type: alignment}, {type: swd}, {type: fd-efficientnet}]",
     )
-    steps: int | None = Field(None, gt=0, description="sampling steps (default: sampling.steps)")
+    steps: int | None = Field(None, gt=0, le=10_000, description="sampling steps (default: sampling.steps)")
     guidance: float | None = Field(None, ge=0.0, description="CFG weight (default: sampling.guidance)")
     batch_size: int = Field(16, gt=0, description="images generated and scored per batch")
 
@@ -168,7 +168,10 @@ class StageSpec(_Strict):
 
 
 class RunSpec(_Strict):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(
+        ..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+        description="run name: one path segment (the default run directory is runs/<name>)",
+    )
     seed: int = 0
     model: ModelSpec
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
@@ -184,6 +187,9 @@ class RunSpec(_Strict):
     def _cross_field(self) -> RunSpec:
         grid = self.model.grid
         problems: list[str] = []
+        if set(self.name) <= {"."}:
+            problems.append(f"name: {self.name!r} is not a usable directory name (it would put the run in "
+                            "runs/ itself or above it); use letters, digits, '.', '_' or '-'")
         prev = 0
         for i, stage in enumerate(self.stages):
             r = stage.resolution
@@ -406,11 +412,71 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "<
         if not sep or not key:
             raise SpecError(source, [("", f"--set {item!r}: expected KEY=VALUE, e.g. stages.0.batch_size=8")])
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_load_bounded(raw, "--set") if raw != "" else ""
         except yaml.YAMLError as exc:
             raise SpecError(source, [(key, f"--set value {raw!r} is not valid YAML: {exc}")]) from None
         _set_path(data, key.strip(), value, source)
     return data
+
+
+#: Largest spec file read (bytes): specs are a few KB; anything near this is not a spec.
+MAX_SPEC_BYTES = 1 << 20
+#: Largest number of YAML nodes a document may expand to, aliases counted as often as they are
+#: used: a "billion laughs" document of a few hundred bytes expands to billions.
+MAX_YAML_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses documents whose aliases expand beyond
+    :data:`MAX_YAML_NODES` nodes or refer to themselves (PyYAML shares aliased objects, so the
+    bomb goes off later, when the spec is copied, validated or dumped)."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _check_expansion(node, self.name)
+        return node
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:  # expanded node count, each shared node computed once
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise yaml.YAMLError(f"a YAML alias refers to the node that contains it ({node.start_mark})")
+        active.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_NODES:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    if size(root) > MAX_YAML_NODES:
+        raise yaml.YAMLError(
+            f"the document expands to more than {MAX_YAML_NODES} values through YAML aliases (&anchor/*alias); "
+            "a spec needs far fewer: write the values out or use fewer aliases"
+        )
+
+
+def safe_load_bounded(text: str, name: str = "<string>") -> Any:
+    """``yaml.safe_load`` with aliases bounded (see :class:`_BoundedLoader`)."""
+    loader = _BoundedLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -419,8 +485,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise SpecError(str(path), [("", f"spec file not found: {path} (working directory: {Path.cwd()})")])
     if path.is_dir():
         raise SpecError(str(path), [("", f"{path} is a directory; give a .yaml spec file")])
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(str(path), [("", f"{path} is {size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes "
+                                         "(is this the right file?)")])
+    raw = path.read_bytes()[: MAX_SPEC_BYTES + 1]  # the file may have grown since stat
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError(str(path), [("", f"{path} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} "
+                                         f"(offset {exc.start}); save the spec as UTF-8")]) from None
+    try:
+        data = safe_load_bounded(text, str(path))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
