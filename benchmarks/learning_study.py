@@ -36,6 +36,7 @@ from vermeer_core.optim import build_optimizer, lr_factor
 from vermeer_core.plugins import get_registry
 from vermeer_core.sampling import save_grid
 from vermeer_core.spec import load_spec
+from vermeer_plugins import alignment as align
 from vermeer_plugins import synthetic as syn
 
 HELD_OUT_SEED = 987_654
@@ -59,7 +60,13 @@ def alignment(model, spec, reg, scenes, captions, guidance, steps, bf16):
                       generator=torch.Generator().manual_seed(1234), device="cpu").float()
     model.train(was)
     up = imgs if res >= 64 else F.interpolate(imgs, size=(64, 64), mode="nearest")
-    return float(np.mean([syn.score(im, s) for im, s in zip(up, scenes)])), imgs
+    checks = [align.check(im, s) for im, s in zip(up, scenes)]
+    kinds = {}
+    for props in checks:
+        for p in props:
+            kinds.setdefault(p.kind, []).append(p.ok)
+    per_kind = {k: round(float(np.mean(v)), 3) for k, v in kinds.items()}
+    return float(np.mean([np.mean([p.ok for p in props]) for props in checks])), imgs, per_kind
 
 
 @torch.no_grad()
@@ -89,7 +96,7 @@ def scores(model, spec, reg, n, guidances, steps, bf16, grid=None):
     scenes, caps = held_out(spec.data, n)
     rec = {}
     for g in guidances:
-        rec[f"align_g{g}"], imgs = alignment(model, spec, reg, scenes, caps, g, steps, bf16)
+        rec[f"align_g{g}"], imgs, rec[f"props_g{g}"] = alignment(model, spec, reg, scenes, caps, g, steps, bf16)
         rec[f"align_g{g}"] = round(rec[f"align_g{g}"], 3)
         if grid:
             save_grid(imgs[:36], caps[:36], grid.format(g=g))
@@ -134,11 +141,15 @@ def core(a):
                 rec = {"step": step + 1, "images": (step + 1) * batch, "train_s": round(train_s, 1),
                        "loss": round(float(np.mean(losses[-20:])), 4),
                        **scores(model, spec, reg, a.n, a.guidance or [spec.sampling.guidance],
-                                a.sample_steps or spec.sampling.steps, bf16)}
+                                a.sample_steps or spec.sampling.steps, bf16,
+                                f"{a.grid}_s{step + 1}_g{{g}}.png" if a.grid else None)}
             print(json.dumps(rec), flush=True)
             log["evals"].append(rec)
             with open(a.out, "w") as f:
                 json.dump(log, f)
+    if a.save:
+        with ema.swapped_in(model):
+            torch.save(model.state_dict(), a.save)
 
 
 def run(a):
@@ -164,11 +175,12 @@ def main():
     c.add_argument("--steps", type=int, default=300)
     c.add_argument("--eval-every", type=int, default=150)
     c.add_argument("--out", required=True)
+    c.add_argument("--save", help="write the EMA model's state_dict here at the end")
     r = sub.add_parser("run")
     r.add_argument("run_dir")
-    r.add_argument("--grid", help="PNG prefix for sample grids (first 36 prompts)")
     r.add_argument("--only", nargs="+", help="checkpoint names to score (e.g. step-00000500); default all")
     for p in (c, r):
+        p.add_argument("--grid", help="PNG prefix for sample grids (first 36 prompts)")
         p.add_argument("--n", type=int, default=64, help="held-out prompts")
         p.add_argument("--guidance", type=float, nargs="+")
         p.add_argument("--sample-steps", type=int)

@@ -51,12 +51,16 @@ PAPER_CORES = [(1024, 8, 64), (2048, 8, 32)]
 
 
 def quickstart_spec() -> RunSpec:
-    """``specs/quickstart.yaml`` plus a 256x256 stage grown the same way as its last stage."""
+    """``specs/quickstart.yaml`` (32, 64) plus 128x128 and 256x256 stages grown the same way as
+    its last stage (with fresh outer layers: ``init: inherit`` only grows the core's stage)."""
     data = yaml.safe_load(QUICKSTART.read_text())
     widths = data["model"]["widths"]
-    widths[EXTRA_RESOLUTION] = widths[max(widths)]
     last = copy.deepcopy(data["stages"][-1])
-    data["stages"].append({**last, "resolution": EXTRA_RESOLUTION})
+    last["growth"].pop("init", None)
+    for r in range(2 * max(s["resolution"] for s in data["stages"]), EXTRA_RESOLUTION + 1):
+        if r & (r - 1) == 0:  # powers of two only
+            widths.setdefault(r, widths[max(widths)])
+            data["stages"].append({**copy.deepcopy(last), "resolution": r})
     return parse_spec(data, get_registry(), f"{QUICKSTART.name} + a {EXTRA_RESOLUTION} stage")
 
 

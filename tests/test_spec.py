@@ -59,9 +59,9 @@ def test_unknown_type_lists_registered_names():
 
 def test_error_path_has_no_union_tag():
     data = quickstart()
-    data["stages"][2]["growth"]["phases"][0]["steps"] = 0
+    data["stages"][1]["growth"]["phases"][0]["steps"] = 0
     [(path, msg)] = problems(data)
-    assert path == "stages.2.growth.phases.0.steps"
+    assert path == "stages.1.growth.phases.0.steps"
     assert msg == "Input should be greater than 0"
 
 
@@ -74,9 +74,9 @@ def test_resolution_not_grid_power_of_two_names_stage():
 
 def test_resolutions_must_increase():
     data = quickstart()
-    data["stages"][2]["resolution"] = 64
+    data["stages"][1]["resolution"] = 32
     probs = problems(data)
-    assert ("stages.2.resolution", "64 must be larger than the previous stage's 64") in probs
+    assert ("stages.1.resolution", "32 must be larger than the previous stage's 32") in probs
 
 
 def test_widths_must_cover_every_resolution():
