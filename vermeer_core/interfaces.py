@@ -335,10 +335,10 @@ class CoreFactory(Protocol):
     """``core``: an ``nn.Module`` with ``forward(x (B, channels, grid, grid), cond
     (B, cond_dim), text: TextEmbedding) -> (B, channels, grid, grid)``; repeated transformer
     blocks in ``.blocks`` (an ``nn.ModuleList``) so the engine can shard, checkpoint and
-    compile each one. With a ``reset_parameters()`` that initialises the whole core (writes
-    to ``meta`` tensors are no-ops), the engine builds it on ``meta`` and initialises it one
-    block at a time after sharding, so no rank holds a full copy (vermeer_core.core_init);
-    without one, every rank builds it in full first."""
+    compile each one. With a ``reset_parameters()`` that initialises every parameter of the
+    core (writes to ``meta`` tensors are no-ops) and no buffers, the engine builds it on
+    ``meta`` and initialises it one block at a time after sharding, so no rank holds a full
+    copy (vermeer_core.core_init); otherwise every rank builds it in full first."""
 
     def __call__(
         self, config: Any, /, *, channels: int, grid: int, cond_dim: int, text_dim: int, attention: AttentionFn
