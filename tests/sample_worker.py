@@ -6,6 +6,7 @@ prompts in chunks of 2, each rank its share; rank 0 saves both image tensors to 
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import torch
@@ -30,12 +31,15 @@ def main(out: str) -> None:
     engine = Engine(spec, plugins, out, d)
     model, _ = engine._stage_model(0, None)
     res = spec.stages[0].resolution
+    with torch.no_grad():  # FSDP2 initialises lazily on the root's first forward (training does this in a run)
+        model(torch.zeros(1, 3, res, res), torch.zeros(1), ["a"])
     kw = dict(spec=spec, schedule=engine.schedule, sampler=engine.sampler, resolution=res, device=d.device,
               rank=d.rank, world_size=d.world_size)
     images = generate(model, PROMPTS, **kw)
     prompts = eval_source(spec, plugins.registry, res).eval_prompts(5, 3)
     evals = generate_eval(model, prompts, seed=11, batch_size=2, **kw)
     if d.rank == 0:
+        os.makedirs(out, exist_ok=True)
         torch.save({"samples": images, "eval": evals}, f"{out}/images.pt")
     shutdown()
 

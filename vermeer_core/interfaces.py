@@ -145,7 +145,9 @@ class Sampler(Protocol):
     ) -> Tensor:
         """Integrate from ``noise`` (pure Gaussian at ``logsnrs[0]``) along ``logsnrs`` (length
         steps+1, strictly increasing log-SNR = decreasing noise) and return the final x0
-        estimate, calling ``callback`` (if given) once per step."""
+        estimate, calling ``callback`` (if given) once per step. Draw fresh noise with
+        ``noise_like(x, generator)`` only: under sharded sampling ``generator`` is a
+        ``BatchRows`` that gives each rank's images their rows of the whole batch's noise."""
 
 
 # A sampler factory: see :class:`SamplerFactory` below.
@@ -333,7 +335,10 @@ class CoreFactory(Protocol):
     """``core``: an ``nn.Module`` with ``forward(x (B, channels, grid, grid), cond
     (B, cond_dim), text: TextEmbedding) -> (B, channels, grid, grid)``; repeated transformer
     blocks in ``.blocks`` (an ``nn.ModuleList``) so the engine can shard, checkpoint and
-    compile each one."""
+    compile each one. With a ``reset_parameters()`` that initialises every parameter of the
+    core (writes to ``meta`` tensors are no-ops) and no buffers, the engine builds it on
+    ``meta`` and initialises it one block at a time after sharding, so no rank holds a full
+    copy (vermeer_core.core_init); otherwise every rank builds it in full first."""
 
     def __call__(
         self, config: Any, /, *, channels: int, grid: int, cond_dim: int, text_dim: int, attention: AttentionFn

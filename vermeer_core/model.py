@@ -300,13 +300,17 @@ class ModelBuilder:
 
         # On meta, then initialised block by block by the core's own reset_parameters
         # (vermeer_core.core_init): no full copy of a new core is made before the engine
-        # shards it, and a plain build gets the same values. A core without reset_parameters
-        # is built for real (its meta build drew no random numbers, so the stream matches).
+        # shards it, and a plain build gets the same values. A core that cannot be built on
+        # meta, has no reset_parameters, or has buffers (which reset_parameters need not
+        # restore) is built for real (a meta build draws no random numbers: same stream).
         if torch.empty(0).is_meta:  # built under torch.device("meta") (replay, plan): structure only
             return build()
-        with torch.device("meta"):
-            core = build()
-        if not callable(getattr(core, "reset_parameters", None)):
+        try:
+            with torch.device("meta"):
+                core = build()
+        except (NotImplementedError, RuntimeError):
+            return build()
+        if not callable(getattr(core, "reset_parameters", None)) or any(True for _ in core.buffers()):
             return build()
         seed = int(torch.randint(0, 2**62, ()).item())  # from the stage seed, in either mode
         deferred = _DEFERRED.get()
