@@ -36,7 +36,8 @@ def _state(value: float) -> dict[str, dict[str, torch.Tensor]]:
 def _save(ck: Checkpointer, step: int, value: float) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP: "no process group, assuming a single process"
-        return ck.save(step, _state(value), {"step": step}, {"data": {"next_index": step * 10}})
+        # "spec" and "stage": what resolve_checkpoint (inference) requires of meta.json to call a checkpoint usable
+        return ck.save(step, _state(value), {"step": step, "spec": {}, "stage": 0}, {"data": {"next_index": step * 10}})
 
 
 def _names(ck: Checkpointer) -> list[str]:
@@ -53,7 +54,7 @@ def test_save_commit_latest_and_load(root: str) -> None:
     assert ck.latest() == join(root, "checkpoints", "step-00000005")
     assert fs.cat_file(f"{path}/latest").decode().strip() == "step-00000005"
     assert fs.exists(f"{path}/step-00000005/{MARKER}")
-    assert ck.read_meta(ck.latest()) == {"step": 5}
+    assert ck.read_meta(ck.latest()) == {"step": 5, "spec": {}, "stage": 0}
     assert ck.read_rank_state(ck.latest(), 0) == {"data": {"next_index": 50}}
     assert ck.read_rank_state(ck.latest(), 1) is None
     target = _state(0.0)

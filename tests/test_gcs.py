@@ -171,7 +171,9 @@ def test_forbidden_bucket_fails_fast_naming_the_url(gcs: GCS, tmp_path: Path, mo
         r = run_cli(["run", str(spec), "--out", gcs.url("run")])
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
-    assert re.search(rf"error: cannot .* {re.escape(gcs.url('run/checkpoints'))}: access denied", r.stderr), r.stderr
+    # the first object a run writes is its lease (<run>/lease.json), then checkpoints
+    assert re.search(rf"error: cannot .* {re.escape(gcs.url('run'))}/(checkpoints|lease\.json): access denied",
+                     r.stderr), r.stderr
     lines = [s.line for s in proxy.injected()]
     assert lines and len(lines) == len(set(lines)), lines  # 403 is not retried
 

@@ -62,7 +62,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(spec: Path, tmp_p
     try:
         holder = _pause_when_leased(first, out)
         before = _files(out)
-        r = run_cli(["run", str(spec), "--out", str(out)])
+        r = run_cli(["run", str(spec), "--out", str(out)], timeout=900)
         assert r.returncode == 1, r.stderr
         assert "Traceback" not in r.stderr
         assert f"held by host {socket.gethostname()}, pid {first.pid}, started" in r.stderr, r.stderr
@@ -82,7 +82,7 @@ def test_lease_of_a_killed_run_is_taken_over(spec: Path, tmp_path: Path) -> None
     _pause_when_leased(first, out)
     first.kill()
     first.wait()
-    r = run_cli(["run", str(spec), "--out", str(out)])
+    r = run_cli(["run", str(spec), "--out", str(out)], timeout=900)
     assert r.returncode == 0, r.stderr
     assert f"took over the stale lease of {out / LEASE_FILE} (host {socket.gethostname()}, pid {first.pid}" in r.stderr
     assert f"process {first.pid} is gone" in r.stderr
@@ -96,7 +96,7 @@ def test_run_that_lost_its_lease_stops_before_writing(spec: Path, tmp_path: Path
     try:
         _pause_when_leased(first, out)
         time.sleep(2.5)  # suspended longer than the TTL: the lease is stale though the process lives
-        second = run_cli(["run", str(spec), "--out", str(out)], env=ttl)
+        second = run_cli(["run", str(spec), "--out", str(out)], env=ttl, timeout=900)
         assert second.returncode == 0, second.stderr
         assert "took over the stale lease" in second.stderr and "not renewed for" in second.stderr
         after_second = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}

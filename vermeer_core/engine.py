@@ -258,14 +258,14 @@ class Engine:
     # --- the run -----------------------------------------------------------------------------------
     def run(self) -> None:
         """Train under the run directory's lease (rank 0 holds it: one writer per ``out``)."""
-        from vermeer_core.lease import Lease, LeaseError
+        from vermeer_core.lease import Lease
 
-        error: LeaseError | None = None
+        error: VermeerError | None = None
         if self.rank0:
             try:
                 self._lease = Lease(self.out, say=self._say)
                 self._lease.acquire()
-            except LeaseError as exc:
+            except VermeerError as exc:  # held by another run, or the storage refused (every rank must hear)
                 self._lease, error = None, exc
         if not self._agree(error is None):
             if error is not None:

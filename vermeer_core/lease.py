@@ -193,13 +193,17 @@ class _GCSBackend(_Backend):
         self.bucket, self.key = path.split("/", 1)
 
     def _upload(self, data: bytes, generation: str) -> str:
+        """One multipart upload (metadata + body, as gcsfs's own small-file upload) with the
+        ``ifGenerationMatch`` precondition; gcsfs raises FileExistsError on 412."""
         from urllib.parse import quote
 
-        # a media upload with a precondition; gcsfs raises FileExistsError on 412
+        head = json.dumps({"name": self.key, "contentType": "application/json"})
+        body = (f"--==0==\nContent-Type: application/json; charset=UTF-8\n\n{head}\n--==0==\n"
+                "Content-Type: application/json\n\n").encode() + data + b"\n--==0==--"
         out = self.fs.call(
             "POST", f"{self.fs._location}/upload/storage/v1/b/{quote(self.bucket)}/o",
-            uploadType="media", name=self.key, ifGenerationMatch=generation,
-            headers={"Content-Type": "application/json"}, data=data, json_out=True,
+            uploadType="multipart", ifGenerationMatch=generation,
+            headers={"Content-Type": 'multipart/related; boundary="==0=="'}, data=body, json_out=True,
         )
         return str(out["generation"])
 
