@@ -259,8 +259,9 @@ def test_train_from_gcs_shards(gcs: GCS, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     records = _gs_metrics(gcs, f"{gcs.bucket}/run")
     assert [x["step"] for x in records] == list(range(1, TOTAL_STEPS + 1))
-    # 16 px shards feed the 8 px stage and the 16 px stage; the dataset is rebuilt per stage
-    assert [x["data_samples_read"] for x in records if x["step"] in (6, 12)] == [24, 24]
+    # 16 px shards feed the 8 px stage and the 16 px stage; the dataset is rebuilt per stage at
+    # the new resolution and continues the stream where the last stage ended (issue 9)
+    assert [x["data_samples_read"] for x in records if x["step"] in (6, 12)] == [24, 48]
     assert all(x["data_corrupt"] == 0 for x in records)
     assert gcs.fs().exists(f"{gcs.bucket}/run/checkpoints/step-{TOTAL_STEPS:08d}/{MARKER}")
 
