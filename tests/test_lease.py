@@ -76,6 +76,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(spec: Path, tmp_p
     assert [m["step"] for m in read_metrics(out)] == list(range(1, TOTAL_STEPS + 1))
 
 
+@pytest.mark.slow  # two real runs, ~25 s: keeps the default suite near 10 min on 2 cores
 def test_lease_of_a_killed_run_is_taken_over(spec: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = _start(spec, out)
@@ -89,6 +90,7 @@ def test_lease_of_a_killed_run_is_taken_over(spec: Path, tmp_path: Path) -> None
     assert not (out / LEASE_FILE).exists()
 
 
+@pytest.mark.slow  # two real runs, ~25 s: keeps the default suite near 10 min on 2 cores
 def test_run_that_lost_its_lease_stops_before_writing(spec: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     ttl = {"VERMEER_LEASE_TTL": "2"}
