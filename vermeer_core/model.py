@@ -50,6 +50,7 @@ __all__ = [
     "select_trainable",
     "stage_phases",
     "stage_seed",
+    "conditioning_offset",
     "stage_transfers",
 ]
 
@@ -173,6 +174,10 @@ class VermeerModel(nn.Module):
         #: parameter names a component built frozen (e.g. a pretrained text encoder); no
         #: phase makes them trainable. Set by the builder.
         self.always_frozen: frozenset[str] = frozenset()
+        #: added to the log-SNR the conditioning sees (never to the diffusion maths): set by
+        #: :func:`build_stage_model` from ``diffusion.conditioning`` (see
+        #: :func:`conditioning_offset`); 0 conditions on the input's own log-SNR
+        self.logsnr_offset = 0.0
 
     @property
     def encoder_resolutions(self) -> list[int]:
@@ -195,7 +200,7 @@ class VermeerModel(nn.Module):
             )
         if logsnr.ndim == 0:
             logsnr = logsnr.expand(x_t.shape[0])
-        cond = self.cond(logsnr, text.pooled)
+        cond = self.cond(logsnr + self.logsnr_offset if self.logsnr_offset else logsnr, text.pooled)
         h = self.stem(x_t)
         skips: list[Tensor] = []
         for encoder in self.encoders.values():
@@ -485,7 +490,28 @@ def build_stage_model(
             f"growth policy {spec.stages[stage].growth.type!r} built a {model.resolution} model "
             f"for stage {stage} at {ctx.resolution}"
         )
+    model.logsnr_offset = conditioning_offset(spec, stage)
     return model
+
+
+def conditioning_offset(spec: RunSpec, stage: int) -> float:
+    """What stage ``stage``'s model adds to the log-SNR its conditioning sees.
+
+    ``diffusion.conditioning: logsnr`` (the default): 0, the model is told its input's log-SNR.
+    ``normalized-logsnr``: ``2 log(R / R0)``, R the stage's resolution and R0 the first
+    stage's. Averaging 2x2 pixels of ``alpha x + sigma eps`` keeps the signal and halves the
+    noise's standard deviation, so an image's noise at log-SNR ``lam`` is, seen through
+    (R/R0)^2-pixel averages (the grid the core works on), noise at ``lam + 2 log(R/R0)``. The
+    normalised level is therefore what the core's features carry whatever the stage's
+    resolution: a core pretrained at R0 keeps seeing the levels it learnt, and with the
+    resolution-shifted schedules (``shifted-cosine``: ``lam_R(t) = lam_R0(t) - 2 log(R/R0)``)
+    the conditioning at a given t is the same at every stage. This is simple diffusion's
+    shift argument (Hoogeboom et al. 2023, §3.1) applied to the conditioning rather than to the
+    schedule; the diffusion maths (alpha, sigma, targets, samplers) keep the true log-SNR.
+    """
+    if spec.diffusion.conditioning == "logsnr":
+        return 0.0
+    return 2.0 * math.log(spec.stages[stage].resolution / spec.stages[0].resolution)
 
 
 def stage_transfers(model: VermeerModel, prev: VermeerModel | None, stage: int) -> dict[str, Transfer]:

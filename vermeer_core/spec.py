@@ -74,6 +74,14 @@ class DiffusionSpec(_Strict):
     schedule: Any = _ref({"type": "shifted-cosine"}, "noise schedule")
     prediction: Literal["v", "eps"] = Field("v", description="what the network predicts")
     cond_drop: float = Field(0.1, ge=0.0, le=1.0, description="caption dropout probability (for CFG)")
+    conditioning: Literal["logsnr", "normalized-logsnr"] = Field(
+        "logsnr",
+        description=(
+            "noise level the model is conditioned on: its input's log-SNR, or that plus "
+            "2 log(R / R0) (R0 = the first stage's resolution), the level of the core's "
+            "R0-grid features, so a grown model tells its core the levels it was pretrained on"
+        ),
+    )
 
 
 DEFAULT_PROMPTS = (
