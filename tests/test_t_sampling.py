@@ -168,3 +168,38 @@ def test_spec_defaults_are_uniform_and_left_out_of_the_dump() -> None:
 def test_bad_spec_options_name_the_field(override: str, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         load_spec(QUICKSTART, get_registry(), [override])
+
+
+# --- engine wiring ---------------------------------------------------------------------------
+def test_engine_trains_with_the_spec_options(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's every loss call gets the spec's t sampling and loss weight (spied on the real
+    loss, which still runs), and the run finishes with finite losses."""
+    import vermeer_core.step as step_module
+    from engine_spec import spec_data
+    from vermeer_core.distributed import init_distributed, shutdown
+    from vermeer_core.engine import Engine
+    from vermeer_core.plugins import load
+    from vermeer_core.spec import parse_spec
+    from vermeer_core.testing import read_metrics
+
+    seen: list[tuple[TSampling, LossWeight]] = []
+    real = step_module.diffusion_loss
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["t_sampling"], kwargs["loss_weight"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "diffusion_loss", spy)
+    data = spec_data()
+    data["diffusion"] = {**data.get("diffusion", {}), "t_sampling": {"type": "logit-normal", "mean": 0.5, "std": 0.7},
+                         "loss_weight": {"type": "min-snr", "gamma": 4}}
+    plugins = load()
+    spec = parse_spec(data, plugins.registry)
+    d = init_distributed(device="cpu")
+    try:
+        Engine(spec, plugins, str(tmp_path / "run"), d).run()
+    finally:
+        shutdown()
+    assert len(seen) == 12
+    assert set(seen) == {(TSampling("logit-normal", 0.5, 0.7), LossWeight("min-snr", 4.0))}
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r)
