@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from vermeer_core.checkpoint import Checkpointer
-from vermeer_core.diffusion import alpha_sigma, diffusion_loss, sample, target
+from vermeer_core.diffusion import LossWeight, TSampling, alpha_sigma, diffusion_loss, sample, target
 from vermeer_core.ema import EMA
 from vermeer_core.inference import load_checkpoint
 from vermeer_core.model import apply_phase, build_stage_model, stage_phases
@@ -127,7 +127,9 @@ def core(a):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = diffusion_loss(model, b.images, b.captions, schedule=schedule, resolution=res,
                                   prediction=spec.diffusion.prediction, cond_drop=spec.diffusion.cond_drop,
-                                  generator=torch.Generator().manual_seed(10_000 + step))
+                                  generator=torch.Generator().manual_seed(10_000 + step),
+                                  t_sampling=TSampling(**spec.diffusion.t_sampling.model_dump()),
+                                  loss_weight=LossWeight(**spec.diffusion.loss_weight.model_dump()))
         loss.backward()
         if o.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, o.grad_clip)

@@ -24,7 +24,9 @@ __all__ = [
     "BatchRows",
     "DiffusionModel",
     "Grid",
+    "LossWeight",
     "Prediction",
+    "TSampling",
     "alpha_sigma",
     "diffusion_loss",
     "guided_denoiser",
@@ -106,6 +108,61 @@ def _rand(n: int, generator: torch.Generator | None, device: torch.device | str)
     return torch.rand(n, generator=generator, device=gen_device).to(device)
 
 
+@dataclass(frozen=True)
+class TSampling:
+    """How training draws the diffusion time t in [0, 1].
+
+    ``uniform`` is U[0, 1). ``logit-normal`` is ``t = sigmoid(mean + std * z)``, z ~ N(0, 1)
+    (Esser et al. 2024, SD3 §3.1): it spends more of training on mid noise, where layout and
+    shape are decided, and less on the nearly clean and nearly pure-noise ends. It is computed
+    from the same uniform draw by the inverse normal CDF, so switching it changes no other
+    random number of the loss (noise and caption drop stay what they were)."""
+
+    type: Literal["uniform", "logit-normal"] = "uniform"
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.type not in ("uniform", "logit-normal"):
+            raise ValueError(f"t sampling must be 'uniform' or 'logit-normal', got {self.type!r}")
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"logit-normal t needs a finite mean and std > 0, got mean={self.mean}, std={self.std}")
+
+    def __call__(self, u: Tensor) -> Tensor:
+        """Map uniform draws ``u`` in [0, 1) to t."""
+        if self.type == "uniform":
+            return u
+        # Inverse normal CDF, Phi^-1(u) = sqrt(2) erfinv(2u - 1), in fp32 (any device); u is
+        # kept off 0 and 1 so |z| <= 4.75 stays finite (a truncation no run can notice).
+        z = math.sqrt(2.0) * torch.erfinv((2.0 * u.float() - 1.0).clamp(-1 + 1e-6, 1 - 1e-6))
+        return torch.sigmoid(self.mean + self.std * z).to(u.dtype)
+
+
+@dataclass(frozen=True)
+class LossWeight:
+    """Per-example weight of the squared error as a function of the noise level.
+
+    ``uniform``: plain MSE of the prediction (for ``v``, x0-error weighted by 1 + SNR).
+    ``min-snr``: Min-SNR-gamma (Hang et al. 2023): the x0-error weighted by min(SNR, gamma),
+    i.e. ``min(SNR, gamma) / (SNR + 1)`` on the v-error and ``min(SNR, gamma) / SNR`` on the
+    eps-error; it stops nearly clean images (SNR > gamma) from dominating the gradient."""
+
+    type: Literal["uniform", "min-snr"] = "uniform"
+    gamma: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.type not in ("uniform", "min-snr"):
+            raise ValueError(f"loss weight must be 'uniform' or 'min-snr', got {self.type!r}")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"min-snr gamma must be a finite number > 0, got {self.gamma}")
+
+    def __call__(self, logsnr: Tensor, prediction: Prediction) -> Tensor:
+        """The (B,) weights for log-SNRs ``logsnr``."""
+        snr = logsnr.float().exp()
+        w = snr.clamp(max=self.gamma)
+        return w / (snr + 1.0) if prediction == "v" else w / snr
+
+
 def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
     """Variance-preserving ``(alpha, sigma)`` for a log-SNR (Kingma et al. 2021, VDM):
     ``alpha^2 = sigmoid(logsnr)``, ``sigma^2 = sigmoid(-logsnr)``; same shape as ``logsnr``."""
@@ -154,10 +211,14 @@ def diffusion_loss(
     prediction: Prediction,
     cond_drop: float,
     generator: torch.Generator | Sequence[torch.Generator] | None,
+    t_sampling: TSampling = TSampling(),
+    loss_weight: LossWeight = LossWeight(),
 ) -> Tensor:
     """Mean squared error of the model's ``prediction`` at t ~ U[0, 1] (Ho et al. 2020, in the
     continuous-time log-SNR form of Kingma et al. 2021), with captions dropped to "" at rate
     ``cond_drop`` so the same model also learns the unconditional input used by CFG.
+    ``t_sampling`` may concentrate t (:class:`TSampling`); ``loss_weight`` may weight each
+    example's error by its noise level (:class:`LossWeight`); the defaults are the plain loss.
 
     Randomness comes from ``generator`` in a fixed order (t, noise, caption drop), so the loss
     is a deterministic function of the generator's state; a sequence of generators gives each
@@ -187,12 +248,16 @@ def diffusion_loss(
     drop = (u < cond_drop).tolist()
     captions = ["" if d else c for c, d in zip(captions, drop)]
 
-    logsnr = schedule.logsnr(t, resolution)
+    logsnr = schedule.logsnr(t_sampling(t), resolution)
     alpha, sigma = alpha_sigma(logsnr)
     x_t = _per_example(alpha, images) * images + _per_example(sigma, images) * eps
     out = model(x_t, logsnr, captions)
     # fp32 reduction: under bf16 autocast the squared error of small residuals underflows.
-    return F.mse_loss(out.float(), target(images, eps, alpha, sigma, prediction).float())
+    pred, goal = out.float(), target(images, eps, alpha, sigma, prediction).float()
+    if loss_weight.type == "uniform":
+        return F.mse_loss(pred, goal)
+    per_example = ((pred - goal) ** 2).flatten(1).mean(1)
+    return (per_example * loss_weight(logsnr, prediction).to(per_example.device)).mean()
 
 
 def _cat_text(a: TextEmbedding, b: TextEmbedding) -> TextEmbedding:

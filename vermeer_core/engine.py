@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vermeer_core.checkpoint import META_KEYS, Checkpointer
+from vermeer_core.diffusion import LossWeight, TSampling
 from vermeer_core.distributed import DistInfo, default_fsdp_settings, parallelize, reshard_all
 from vermeer_core.ema import EMA
 from vermeer_core.errors import VermeerError
@@ -385,7 +386,9 @@ class Engine:
         train_step = TrainStep(
             model=model, ema=ema, opt=opt, trainable=trainable,
             loss_fn=make_loss_fn(schedule=self.schedule, resolution=st.resolution,
-                                 prediction=spec.diffusion.prediction, cond_drop=spec.diffusion.cond_drop),
+                                 prediction=spec.diffusion.prediction, cond_drop=spec.diffusion.cond_drop,
+                                 t_sampling=TSampling(**spec.diffusion.t_sampling.model_dump()),
+                                 loss_weight=LossWeight(**spec.diffusion.loss_weight.model_dump())),
             lr_at=lambda step: base_lr * lr_factor(step - slot.start, slot.phase.steps, o.warmup_steps, o.decay),
             first=first, seed=spec.seed, grad_clip=o.grad_clip, device=self.d.device, rank=self.d.rank,
             world_size=self.d.world_size, local_batch=st.batch_size // self.d.world_size,

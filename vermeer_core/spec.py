@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_serializer, model_validator
 from pydantic.fields import FieldInfo
 
 from vermeer_core.registry import Registry
@@ -70,6 +70,29 @@ class ModelSpec(_Strict):
     attention: Any = _ref({"type": "auto"}, "attention kernel for the core")
 
 
+class UniformT(_Strict):
+    type: Literal["uniform"] = "uniform"
+
+
+class LogitNormalT(_Strict):
+    """t = sigmoid(mean + std z), z ~ N(0, 1) (Esser et al. 2024, SD3)."""
+
+    type: Literal["logit-normal"]
+    mean: float = Field(0.0, allow_inf_nan=False, description="location in logit(t); > 0 is noisier")
+    std: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="spread in logit(t)")
+
+
+class UniformWeight(_Strict):
+    type: Literal["uniform"] = "uniform"
+
+
+class MinSNRWeight(_Strict):
+    """Min-SNR-gamma loss weighting (Hang et al. 2023)."""
+
+    type: Literal["min-snr"]
+    gamma: float = Field(5.0, gt=0.0, allow_inf_nan=False, description="SNR above which examples stop gaining weight")
+
+
 class DiffusionSpec(_Strict):
     schedule: Any = _ref({"type": "shifted-cosine"}, "noise schedule")
     prediction: Literal["v", "eps"] = Field("v", description="what the network predicts")
@@ -82,6 +105,26 @@ class DiffusionSpec(_Strict):
             "R0-grid features, so a grown model tells its core the levels it was pretrained on"
         ),
     )
+    t_sampling: Annotated[Union[UniformT, LogitNormalT], Field(discriminator="type")] = Field(
+        default_factory=UniformT,
+        description="training distribution of t: {type: uniform} or {type: logit-normal, mean: 0, std: 1}",
+    )
+    loss_weight: Annotated[Union[UniformWeight, MinSNRWeight], Field(discriminator="type")] = Field(
+        default_factory=UniformWeight,
+        description="per-example loss weight by noise level: {type: uniform} or {type: min-snr, gamma: 5}",
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_defaults(self, handler: Any) -> dict[str, Any]:
+        # The newer options are left out of a dump while they are the default, so specs (and
+        # runs checkpointed) from before they existed keep their hash and still resume.
+        out = handler(self)
+        for key in ("t_sampling", "loss_weight"):
+            if out.get(key) == {"type": "uniform"}:
+                del out[key]
+        if out.get("conditioning") == "logsnr":
+            del out["conditioning"]
+        return out
 
 
 DEFAULT_PROMPTS = (

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from vermeer_core.diffusion import diffusion_loss
+from vermeer_core.diffusion import LossWeight, TSampling, diffusion_loss
 from vermeer_core.ema import EMA
 
 __all__ = ["StepResult", "TrainStep", "grad_norm", "mix_seed"]
@@ -128,12 +128,14 @@ class TrainStep:
 
 def make_loss_fn(
     *, schedule: Any, resolution: int, prediction: str, cond_drop: float,
+    t_sampling: TSampling = TSampling(), loss_weight: LossWeight = LossWeight(),
 ) -> Callable[..., Tensor]:
     """The diffusion loss with the run's fixed arguments bound."""
 
     def fn(model: nn.Module, images: Tensor, captions: Sequence[str], generator: list[torch.Generator]) -> Tensor:
         return diffusion_loss(model, images, captions, schedule=schedule, resolution=resolution,  # type: ignore[arg-type]
-                              prediction=prediction, cond_drop=cond_drop, generator=generator)  # type: ignore[arg-type]
+                              prediction=prediction, cond_drop=cond_drop, generator=generator,  # type: ignore[arg-type]
+                              t_sampling=t_sampling, loss_weight=loss_weight)
 
     return fn
 
