@@ -180,6 +180,10 @@ def _write(config: pytest.Config, exitstatus: int | None) -> None:
     tmp = state.path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str))
     tmp.replace(state.path)  # never a half-written file
+    if exitstatus is not None:  # the README "Performance" table of this run
+        from readme_table import render
+
+        state.path.with_suffix(".md").write_text(render(doc))
 
 
 @pytest.hookimpl(trylast=True)
@@ -248,4 +252,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         for line in _table(rows):
             tr.write_line(line)
     if state.path is not None:
-        tr.write_line(f"\nresults written to {state.path}")
+        md = state.path.with_suffix(".md")
+        if md.exists():
+            tr.write_line("")
+            for line in md.read_text().splitlines():
+                tr.write_line(line)
+        tr.write_line(f"\nresults written to {state.path} (README table: {md.name})")
