@@ -59,6 +59,7 @@ def stage_models(spec: RunSpec, upto: int | None = None) -> list[VermeerModel]:
 def engine_step(
     model: nn.Module, spec: RunSpec, stage: int, batch_size: int, device: torch.device, mesh: Any, *,
     bf16: bool = False, channels_last: bool = False, prepare: Callable[[nn.Module], None] | None = None,
+    shard: bool = True,
 ) -> Callable[[], Any]:
     """The engine's step of ``stage``'s last phase on a fixed batch, for a private ``model``
     (it is sharded and trained here). ``bf16``: autocast on CPU, FSDP2 bf16 parameters on
@@ -67,7 +68,8 @@ def engine_step(
     and GroupNorm, SiLU, upsampling and concatenation keep it); the weights stay contiguous,
     since FSDP2 refuses non-contiguous parameters ("FSDP does not support non-contiguous
     parameters yet", torch 2.13). ``prepare(model)`` runs before sharding (ablations patch
-    modules there)."""
+    modules there). ``shard=False``: the plain module, not wrapped by FSDP2 (an ablation: what
+    FSDP2's DTensor parameters cost at world size 1)."""
     from vermeer_core.distributed import parallelize
 
     reg = get_registry()
@@ -75,7 +77,8 @@ def engine_step(
     model = model.to(device)
     if prepare is not None:
         prepare(model)
-    parallelize(model, mesh, bf16=bf16 and device.type == "cuda")
+    if shard:
+        parallelize(model, mesh, bf16=bf16 and device.type == "cuda")
     names = apply_phase(model, stage_phases(spec, reg, stage)[-1])  # type: ignore[arg-type]
     o = spec.optim
     opt = build_optimizer(model, names, {}, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)

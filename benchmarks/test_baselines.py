@@ -11,8 +11,9 @@
   FLOP/s). ``of_peak``: achieved FLOP/s (3 x forward FLOPs per image x images/s) over the
   matmul peak of that dtype measured in this run (``matmul_peak``).
 * ``test_core_gap``: what makes the core step slower than the DiT per FLOP: the same engine
-  step with the cross-attention, the text encoder (its output computed once, outside the step)
-  or the Shallow-UViT's conv ResBlocks around the core removed, and with all three removed,
+  step with the cross-attention, the text encoder (its output computed once, outside the step),
+  the Shallow-UViT's conv ResBlocks around the core, the q/k RMSNorm or FSDP2 (a plain module
+  under the same ``TrainStep``) removed, and with all five removed,
   timed in turns with the DiT; each variant's FLOPs counted on it, so ``baseline_ratio`` is
   FLOP/s over the DiT's.
 * ``test_grown_stages``: the grown 128 and 256 px stages (``stepcase.quickstart_spec``: the
@@ -268,7 +269,9 @@ def _block_without_cross(self: nn.Module, x: Tensor, cond: Tensor, text: Tensor,
 def _ablate(parts: tuple[str, ...], captions: list[str]) -> Callable[[nn.Module], None]:
     """Patch a Shallow-UViT stage model (before sharding) to leave out ``parts``: ``cross``
     (cross-attention), ``text`` (the encoder: its output for the batch's captions computed once,
-    no gradient), ``convs`` (the ResBlocks around the core; stem and head stay)."""
+    no gradient), ``convs`` (the ResBlocks around the core; stem and head stay), ``qk_norm``
+    (the per-head RMSNorm of queries and keys, which the DiT lacks). ``fsdp2`` is applied by
+    :func:`stepcase.engine_step` (``shard=False``)."""
     import types
 
     def prepare(model: nn.Module) -> None:
@@ -281,13 +284,17 @@ def _ablate(parts: tuple[str, ...], captions: list[str]) -> Callable[[nn.Module]
             model.text.forward = lambda caps, fixed=fixed: fixed
         if "convs" in parts:
             model.shallow_in.forward = model.shallow_out.forward = lambda h, cond: h
+        if "qk_norm" in parts:
+            for blk in model.core.blocks:
+                for attn in (blk.attn, blk.cross):
+                    attn.q_norm, attn.k_norm = nn.Identity(), nn.Identity()
 
     return prepare
 
 
 GAP_VARIANTS: dict[str, tuple[str, ...]] = {
-    "vermeer-core": (), "-cross-attn": ("cross",), "-text-encoder": ("text",),
-    "-conv-resblocks": ("convs",), "-all-three": ("cross", "text", "convs"),
+    "vermeer-core": (), "-cross-attn": ("cross",), "-text-encoder": ("text",), "-conv-resblocks": ("convs",),
+    "-qk-norm": ("qk_norm",), "-fsdp2": ("fsdp2",), "-all-five": ("cross", "text", "convs", "qk_norm", "fsdp2"),
 }
 
 
@@ -311,13 +318,13 @@ def test_core_gap(device: torch.device, bench: Any, matmul_peak: dict[str, float
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(images, torch.zeros(batch, device=device), captions)
         flops[name] = counter.get_total_flops() / batch
-        steps[name] = engine_step(model, spec, 0, batch, device, world_of_one.mesh)
+        steps[name] = engine_step(model, spec, 0, batch, device, world_of_one.mesh, shard="fsdp2" not in parts)
     dit = f"dit-w{width}-d{depth}"
     torch.manual_seed(0)
     steps[dit] = dit_step(DiT(st.resolution, spec.model.grid, width, depth).to(device), images, captions, device, False)
     flops[dit] = dflops
     cpu = device.type == "cpu"
-    timings, errors = compare(steps, device, warmup=1 if cpu else 3, repeats=3 if cpu else 10,
+    timings, errors = compare(steps, device, warmup=1 if cpu else 3, repeats=5 if cpu else 10,
                               min_block_ms=0.0 if cpu else 200.0)
     group = f"gap/{device.type}/core-r{st.resolution}/fp32"
     dit_rate = 3 * dflops * batch / (timings[dit].median_ms / 1e3) if dit in timings else None
@@ -352,7 +359,7 @@ def test_grown_stages(resolution: int, device: torch.device, bench: Any, matmul_
     torch.manual_seed(0)
     step = engine_step(copy.deepcopy(models[stage]), spec, stage, batch, device, world_of_one.mesh)
     cpu = device.type == "cpu"
-    timings, errors = compare({"fp32": step}, device, warmup=1 if cpu else 3, repeats=3 if cpu else 10,
+    timings, errors = compare({"fp32": step}, device, warmup=1 if cpu else 3, repeats=4 if cpu else 10,
                               min_block_ms=0.0 if cpu else 200.0)
     group = f"grown/{device.type}/quickstart-r{resolution}"
     if errors:
