@@ -200,6 +200,39 @@ def dit_step(model: nn.Module, images: Tensor, captions: list[str], device: torc
     return step
 
 
+# --- the grown stages (first: a run cut short by a time limit has them) ------------------------
+@pytest.fixture(scope="module")
+def grown() -> tuple[RunSpec, list[Any]]:
+    spec = quickstart_spec()
+    return spec, stage_models(spec)
+
+
+@pytest.mark.parametrize("resolution", [128, 256], ids=lambda r: f"r{r}")
+def test_grown_stages(resolution: int, device: torch.device, bench: Any, matmul_peak: dict[str, float],
+                      world_of_one: Any, grown: tuple[RunSpec, list[Any]]) -> None:
+    """A grown stage's engine step in fp32 (its last phase: all parameters train)."""
+    spec, models = grown
+    stage = [s.resolution for s in spec.stages].index(resolution)
+    batch = GROWN_BATCH[device.type][resolution]
+    fwd = stage_forward_flops(spec, get_registry(), stage)
+    torch.manual_seed(0)
+    step = engine_step(copy.deepcopy(models[stage]), spec, stage, batch, device, world_of_one.mesh)
+    cpu = device.type == "cpu"
+    timings, errors = compare({"fp32": step}, device, warmup=1 if cpu else 3, repeats=4 if cpu else 10,
+                              min_block_ms=0.0 if cpu else 200.0)
+    group = f"grown/{device.type}/quickstart-r{resolution}"
+    if errors:
+        bench.record(group, "fp32", error=errors["fp32"])
+    else:
+        t = timings["fp32"]
+        ips = batch / (t.median_ms / 1e3)
+        achieved = 3 * fwd * ips
+        bench.record(group, "fp32", device=device.type, resolution=resolution, batch=batch, precision="fp32",
+                     gflop_per_image_fwd=fwd / 1e9, images_per_s=ips, tflops=achieved / 1e12,
+                     of_peak=achieved / matmul_peak["fp32"] if matmul_peak.get("fp32") else None, **t.as_dict())
+    assert not errors, errors
+
+
 def test_core_vs_dit(device: torch.device, bench: Any, matmul_peak: dict[str, float], world_of_one: Any) -> None:
     from vermeer_core.distributed import parallelize
 
@@ -338,39 +371,6 @@ def test_core_gap(device: torch.device, bench: Any, matmul_peak: dict[str, float
                      tflops=achieved / 1e12, of_peak=achieved / matmul_peak["fp32"] if matmul_peak.get("fp32") else None,
                      baseline_ratio=achieved / dit_rate if dit_rate and name != dit else None,
                      flop_share=flops[name] / flops["vermeer-core"], **timings[name].as_dict())
-    assert not errors, errors
-
-
-# --- the grown stages ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def grown() -> tuple[RunSpec, list[Any]]:
-    spec = quickstart_spec()
-    return spec, stage_models(spec)
-
-
-@pytest.mark.parametrize("resolution", [128, 256], ids=lambda r: f"r{r}")
-def test_grown_stages(resolution: int, device: torch.device, bench: Any, matmul_peak: dict[str, float],
-                      world_of_one: Any, grown: tuple[RunSpec, list[Any]]) -> None:
-    """A grown stage's engine step in fp32 (its last phase: all parameters train)."""
-    spec, models = grown
-    stage = [s.resolution for s in spec.stages].index(resolution)
-    batch = GROWN_BATCH[device.type][resolution]
-    fwd = stage_forward_flops(spec, get_registry(), stage)
-    torch.manual_seed(0)
-    step = engine_step(copy.deepcopy(models[stage]), spec, stage, batch, device, world_of_one.mesh)
-    cpu = device.type == "cpu"
-    timings, errors = compare({"fp32": step}, device, warmup=1 if cpu else 3, repeats=4 if cpu else 10,
-                              min_block_ms=0.0 if cpu else 200.0)
-    group = f"grown/{device.type}/quickstart-r{resolution}"
-    if errors:
-        bench.record(group, "fp32", error=errors["fp32"])
-    else:
-        t = timings["fp32"]
-        ips = batch / (t.median_ms / 1e3)
-        achieved = 3 * fwd * ips
-        bench.record(group, "fp32", device=device.type, resolution=resolution, batch=batch, precision="fp32",
-                     gflop_per_image_fwd=fwd / 1e9, images_per_s=ips, tflops=achieved / 1e12,
-                     of_peak=achieved / matmul_peak["fp32"] if matmul_peak.get("fp32") else None, **t.as_dict())
     assert not errors, errors
 
 
