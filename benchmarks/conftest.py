@@ -138,8 +138,10 @@ def matmul_peak(device: torch.device, bench: BenchSession) -> dict[str, float]:
         peaks: dict[str, float] = {}
         for name, t in timings.items():
             peaks[name] = 2 * n**3 / (t.min_ms / 1e3)  # the best block: a peak, not a typical
+            cpu_peak = 2 * n**3 / (t.cpu_min_ms / 1e3) if t.cpu_min_ms else None
             bench.record(f"peak/{device.type}/matmul-n{n}", name, device=device.type, n=n,
-                         tflops=peaks[name] / 1e12, **t.as_dict(), note="best block")
+                         tflops=peaks[name] / 1e12, tflops_cpu_time=cpu_peak / 1e12 if cpu_peak else None,
+                         **t.as_dict(), note="best block")
         for name, err in errors.items():
             bench.record(f"peak/{device.type}/matmul-n{n}", name, error=err)
         bench.peaks[device.type] = peaks

@@ -106,11 +106,14 @@ def main(argv: list[str] | None = None) -> None:
         losses = {name: float(fn().loss) for name, fn in variants.items()}  # first step: same seeds
         timings, errors = compare(variants, dev, warmup=1, repeats=args.repeats, min_block_ms=0.0)
         base = timings["current"].median_ms if "current" in timings else None
-        print(f"\n# A/B, {args.repeats} rounds in turns: median ms per step (min-max), vs current, loss diff")
+        cbase = timings["current"].cpu_median_ms if "current" in timings else None
+        print(f"\n# A/B, {args.repeats} rounds in turns: wall ms per step median (min-max), vs current; "
+              "process CPU ms per step median (min), vs current; |loss - current's| at the first step")
         for name, t in timings.items():
             rel = f"{t.median_ms / base:.3f}" if base else "-"
-            print(f"{name:<20} {t.median_ms:9.1f} ({t.min_ms:.1f}-{t.max_ms:.1f})  {rel}  "
-                  f"{abs(losses[name] - losses['current']):.2e}")
+            crel = f"{t.cpu_median_ms / cbase:.3f}" if cbase and t.cpu_median_ms else "-"
+            print(f"{name:<16} wall {t.median_ms:9.1f} ({t.min_ms:.1f}-{t.max_ms:.1f}) {rel}   "
+                  f"cpu {t.cpu_median_ms:9.1f} ({t.cpu_min_ms:.1f}) {crel}   {abs(losses[name] - losses['current']):.2e}")
         for name, err in errors.items():
             print(f"{name:<20} failed: {err}")
     shutdown()

@@ -39,28 +39,35 @@ def _find(rows: list[dict[str, Any]], group_part: str, name_start: str) -> dict[
     return next((r for r in rows if group_part in r["group"] and r["name"].startswith(name_start)), None)
 
 
-def _best(r: dict[str, Any]) -> float:
-    """How much faster the best timed block was than the median (a loaded machine's median
-    carries other jobs' time; its best block is the nearer estimate of the step's own cost)."""
-    return r["ms"] / r["ms_min"] if r.get("ms") and r.get("ms_min") else float("nan")
+def _cpu(r: dict[str, Any]) -> float:
+    """Wall time over process CPU time of the median step (> 1: the step waited for a core)."""
+    return r["ms"] / r["cpu_ms"] if r.get("ms") and r.get("cpu_ms") else float("nan")
+
+
+#: the run's matmul peak per dtype in process CPU time (set by render from the peak rows)
+_CPU_PEAK: dict[str, float] = {}
 
 
 def _step(r: dict[str, Any], peak_name: str) -> str:
-    """'0.57 img/s, 1.2 GFLOP/s = 24% of the fp32 peak (best step: 30%)' (or the error)."""
+    """'0.57 img/s (...), 1.2 GFLOP/s = 24% of the fp32 peak; in CPU time: ...' (or the error)."""
     if r.get("error"):
         return f"failed: {r['error']}"
-    best = r["of_peak"] * _best(r) if r.get("of_peak") is not None else None
-    return (f"{r['images_per_s']:.3g} img/s ({r['ms'] / 1e3:.2f} s/step median, batch {r.get('batch')}), "
-            f"{_flops(r.get('tflops'))} = **{_pct(r.get('of_peak'))} of the {peak_name} peak** "
-            f"(best step: {_pct(best)})")
+    text = (f"wall: {r['images_per_s']:.3g} img/s ({r['ms'] / 1e3:.2f} s/step median, batch {r.get('batch')}), "
+            f"{_flops(r.get('tflops'))} = {_pct(r.get('of_peak'))} of the {peak_name} peak")
+    peak = _CPU_PEAK.get(peak_name)
+    if r.get("cpu_ms") and r.get("tflops") is not None and peak:
+        achieved = r["tflops"] * _cpu(r)
+        text += (f"; **CPU time: {r['cpu_ms'] / 1e3:.2f} s/step, {_flops(achieved)} = "
+                 f"{_pct(achieved / peak)} of the {peak_name} peak in CPU time ({_flops(peak)})**")
+    return text
 
 
 def _ratio(v: dict[str, Any], d: dict[str, Any] | None) -> str:
-    """``baseline_ratio`` of medians, and the same of best steps."""
+    """``baseline_ratio`` of wall-clock medians, and the same in process CPU time."""
     if v.get("baseline_ratio") is None:
         return "-"
-    best = v["baseline_ratio"] * _best(v) / _best(d) if d else float("nan")
-    return f"**{v['baseline_ratio']:.2f}** (best steps: {best:.2f})"
+    cpu = v["baseline_ratio"] * _cpu(v) / _cpu(d) if d else float("nan")
+    return f"wall {v['baseline_ratio']:.2f}" + (f", **CPU time {cpu:.2f}**" if cpu == cpu else "")
 
 
 def _command(argv: list[str]) -> str:
@@ -90,10 +97,13 @@ def render(doc: dict[str, Any]) -> str:
         out.append(f"| {what} | {result} |")
 
     peaks = {r["name"]: r for r in _rows(res, "peak/")}
+    _CPU_PEAK.clear()
+    _CPU_PEAK.update({k: v["tflops_cpu_time"] for k, v in peaks.items() if v.get("tflops_cpu_time")})
     if peaks:
         n = next(iter(peaks.values())).get("n")
-        add(f"matmul peak, {n}^3, best block",
-            ", ".join(f"{k} {_flops(v.get('tflops'))}" for k, v in peaks.items() if not v.get("error")))
+        add(f"matmul peak, {n}^3, best block (wall; in process CPU time)",
+            ", ".join(f"{k} {_flops(v.get('tflops'))}" + (f"; {_flops(v['tflops_cpu_time'])}" if v.get("tflops_cpu_time") else "")
+                      for k, v in peaks.items() if not v.get("error")))
     base = _rows(res, "baseline/")
     for prec in ("fp32", "bf16"):
         v, d = _find(base, f"/{prec}", "vermeer-core"), _find(base, f"/{prec}", "dit-")
@@ -115,10 +125,11 @@ def render(doc: dict[str, Any]) -> str:
             if r.get("error"):
                 cells.append(f"{r['name']}: failed")
                 continue
-            cells.append(f"`{r['name']}` {r['ms'] / 1e3:.2f} s ({r['ms_min'] / 1e3:.2f} best), "
+            cpu = f", {r['cpu_ms'] / 1e3:.2f} s CPU" if r.get("cpu_ms") else ""
+            cells.append(f"`{r['name']}` {r['ms'] / 1e3:.2f} s wall{cpu}, "
                          f"{r['flop_share']:.2f}x FLOPs: {_ratio(r, dit)}")
-        add("the gap to the DiT, fp32, timed in turns: step median (best), FLOPs over the full step's, "
-            "FLOP/s over the DiT's" + (f" (DiT {dit['ms'] / 1e3:.2f} s, best {dit['ms_min'] / 1e3:.2f} s)"
+        add("the gap to the DiT, fp32, timed in turns: step (median), FLOPs over the full step's, "
+            "FLOP/s over the DiT's" + (f" (DiT {dit['ms'] / 1e3:.2f} s wall" + (f", {dit['cpu_ms'] / 1e3:.2f} s CPU)" if dit.get("cpu_ms") else ")")
                                        if dit and dit.get("ms") else ""),
             "; ".join(cells))
     for r in _rows(res, "grown/"):
