@@ -4,17 +4,16 @@ optionally measured A/B variants of it timed in turns (``benchlib.compare``).
 
     python benchmarks/profile_step.py                   # core step: 32 px, batch 8, fp32
     python benchmarks/profile_step.py -r 128            # grown 128 px stage, batch 2
-    python benchmarks/profile_step.py -r 128 --ab       # + channels_last and elementwise A/B
+    python benchmarks/profile_step.py -r 128 --ab       # + memory format and elementwise A/B
     python benchmarks/profile_step.py --bf16            # bf16 autocast
 
-The A/B variants (``--ab``): ``channels_last`` (images in that memory format, which the
-convolutions, GroupNorm and elementwise ops follow; oneDNN and GroupNorm have channels-last
-kernels on CPU; FSDP2 keeps the weights contiguous) and the ResBlock forward
-and core Block forwards *as they were before* the elementwise changes of this file's commit
-(``reference_*_forward``, kept here as the baseline: modulation as multiply + add in the
-ResBlock, gated residuals as multiply + add in the core), against the current model code
-(one ``addcmul`` each). Each prints ms per step and the
-maximum difference of the loss from the current code's (same seeds: equal within fp32 rounding).
+The A/B variants (``--ab``), against the current model code (grown stages on CPU run their
+convolutions channels-last: ``VermeerModel.channels_last_cpu``): ``nchw`` (that switched
+off: the default contiguous format) and ``reference-code`` (NCHW and the ResBlock forward
+and core Block forwards as they were before the elementwise changes, ``reference_*_forward``:
+modulation and gated residuals as a multiply and an add instead of one ``addcmul`` each).
+Each prints wall and process CPU ms per step, and the difference of the first step's loss
+from the current code's (same seeds: equal within fp32 rounding).
 """
 
 from __future__ import annotations
@@ -69,6 +68,12 @@ def use_reference_code(model: torch.nn.Module) -> None:
             m.forward = types.MethodType(reference_block_forward, m)  # type: ignore[method-assign]
 
 
+def contiguous_format(model: torch.nn.Module) -> None:
+    """Run the conv stages in the default (NCHW) format: ``VermeerModel.channels_last_cpu``
+    off, as before it was adopted."""
+    model.channels_last_cpu = False  # type: ignore[assignment]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-r", "--resolution", type=int, default=32, choices=sorted(BATCH))
@@ -101,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=45))
         del step
     if args.ab:
-        variants = {"current": make(), "channels_last": make(channels_last=True),
-                    "reference-code": make(prepare=use_reference_code)}
+        variants = {"current": make(), "nchw": make(prepare=contiguous_format),
+                    "reference-code": make(prepare=lambda m: (use_reference_code(m), contiguous_format(m)))}
         losses = {name: float(fn().loss) for name, fn in variants.items()}  # first step: same seeds
         timings, errors = compare(variants, dev, warmup=1, repeats=args.repeats, min_block_ms=0.0)
         base = timings["current"].median_ms if "current" in timings else None
