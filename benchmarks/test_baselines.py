@@ -451,16 +451,16 @@ def test_growth_transition(bench: Any, tmp_path: Path, world_of_one: Any) -> Non
     times: dict[str, list[tuple[int, float]]] = {"stage_model": [], "phase": []}
     orig_stage, orig_phase = Engine._stage_model, Engine._run_phase
 
-    def timed_stage(self: Engine, stage: int, carry: Any) -> Any:
+    def timed_stage(self: Engine, stage: int, carry: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
-        out = orig_stage(self, stage, carry)
+        out = orig_stage(self, stage, carry, **kwargs)
         synchronize(world_of_one.device)
         times["stage_model"].append((stage, time.perf_counter() - t0))
         return out
 
-    def timed_phase(self: Engine, slot: Any, *args: Any) -> Any:
+    def timed_phase(self: Engine, slot: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
-        out = orig_phase(self, slot, *args)
+        out = orig_phase(self, slot, *args, **kwargs)
         synchronize(world_of_one.device)
         times["phase"].append((slot.stage, time.perf_counter() - t0))
         return out
