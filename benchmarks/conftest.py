@@ -199,6 +199,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ms", "ms", ".3f"),
+    ("cpu_ms", "cpu ms", ".3f"),
     ("time_vs_fastest", "vs fastest", ".2f"),
     ("time_vs_baseline", "vs base", ".2f"),
     ("spread", "max/min", ".2f"),
