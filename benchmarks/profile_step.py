@@ -8,10 +8,10 @@ optionally measured A/B variants of it timed in turns (``benchlib.compare``).
     python benchmarks/profile_step.py --bf16            # bf16 autocast
 
 The A/B variants (``--ab``), against the current model code (grown stages on CPU run their
-convolutions channels-last: ``VermeerModel.channels_last_cpu``): ``nchw`` (that switched
-off: the default contiguous format) and ``reference-code`` (NCHW and the ResBlock forward
-and core Block forwards as they were before the elementwise changes, ``reference_*_forward``:
-modulation and gated residuals as a multiply and an add instead of one ``addcmul`` each).
+convolutions channels-last: ``VermeerModel.channels_last_cpu``): ``nchw`` (that switched off:
+the default contiguous format, as before it was adopted) and ``addcmul`` (a candidate not
+adopted: the ResBlock modulation and the core Block's gated residuals as one ``addcmul`` each
+instead of a multiply and an add; it measured within +-0.5% of the current code).
 Each prints wall and process CPU ms per step, and the difference of the first step's loss
 from the current code's (same seeds: equal within fp32 rounding).
 """
@@ -35,37 +35,37 @@ from vermeer_core.distributed import init_distributed, shutdown  # noqa: E402
 BATCH = {32: 8, 64: 4, 128: 2, 256: 1}
 
 
-def reference_resblock_forward(self: torch.nn.Module, x: Tensor, cond: Tensor) -> Tensor:
-    """``plugins/resblock.py``'s ``ResBlock.forward`` before the elementwise changes (kept as
-    the A/B baseline): separate multiply and add for the modulation, out-of-place SiLUs."""
+def addcmul_resblock_forward(self: torch.nn.Module, x: Tensor, cond: Tensor) -> Tensor:
+    """Candidate ``ResBlock.forward`` (``plugins/resblock.py``): the scale-shift modulation as
+    one ``addcmul`` instead of a multiply and an add."""
     h = self.conv1(self.act(self.norm1(x)))
     scale, shift = self.cond_proj(self.act(cond))[:, :, None, None].chunk(2, dim=1)
-    h = self.norm2(h) * (1 + scale) + shift
+    h = torch.addcmul(shift, self.norm2(h), 1 + scale)
     return x + self.conv2(self.dropout(self.act(h)))
 
 
-def reference_block_forward(self: torch.nn.Module, x: Tensor, cond: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
-    """``plugins/shallow_uvit.py``'s ``Block.forward`` before the elementwise changes (kept as
-    the A/B baseline): each gated residual as a multiply and an add."""
+def addcmul_block_forward(self: torch.nn.Module, x: Tensor, cond: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+    """Candidate core ``Block.forward`` (``plugins/shallow_uvit.py``): each gated residual
+    ``x + gate * branch`` as one ``addcmul``."""
     from vermeer_plugins.shallow_uvit import modulate
 
     (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate,
      mlp_shift, mlp_scale, mlp_gate) = self.ada(cond)[:, None, :].chunk(9, dim=-1)
-    x = x + sa_gate * self.drop(self.attn(modulate(self.norm1(x), sa_shift, sa_scale)))
-    x = x + ca_gate * self.drop(self.cross(modulate(self.norm2(x), ca_shift, ca_scale), text, text_mask))
-    return x + mlp_gate * self.drop(self.mlp(modulate(self.norm3(x), mlp_shift, mlp_scale)))
+    x = torch.addcmul(x, sa_gate, self.drop(self.attn(modulate(self.norm1(x), sa_shift, sa_scale))))
+    x = torch.addcmul(x, ca_gate, self.drop(self.cross(modulate(self.norm2(x), ca_shift, ca_scale), text, text_mask)))
+    return torch.addcmul(x, mlp_gate, self.drop(self.mlp(modulate(self.norm3(x), mlp_shift, mlp_scale))))
 
 
-def use_reference_code(model: torch.nn.Module) -> None:
-    """Put the pre-change forwards on every ResBlock and core Block of ``model``."""
+def use_addcmul(model: torch.nn.Module) -> None:
+    """Put the candidate forwards on every ResBlock and core Block of ``model``."""
     from vermeer_plugins.resblock import ResBlock
     from vermeer_plugins.shallow_uvit import Block
 
     for m in model.modules():
         if isinstance(m, ResBlock):
-            m.forward = types.MethodType(reference_resblock_forward, m)  # type: ignore[method-assign]
+            m.forward = types.MethodType(addcmul_resblock_forward, m)  # type: ignore[method-assign]
         elif isinstance(m, Block):
-            m.forward = types.MethodType(reference_block_forward, m)  # type: ignore[method-assign]
+            m.forward = types.MethodType(addcmul_block_forward, m)  # type: ignore[method-assign]
 
 
 def contiguous_format(model: torch.nn.Module) -> None:
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=45))
         del step
     if args.ab:
-        variants = {"current": make(), "nchw": make(prepare=contiguous_format),
-                    "reference-code": make(prepare=lambda m: (use_reference_code(m), contiguous_format(m)))}
+        variants = {"current": make(), "nchw": make(prepare=contiguous_format), "addcmul": make(prepare=use_addcmul)}
         losses = {name: float(fn().loss) for name, fn in variants.items()}  # first step: same seeds
         timings, errors = compare(variants, dev, warmup=1, repeats=args.repeats, min_block_ms=0.0)
         base = timings["current"].median_ms if "current" in timings else None

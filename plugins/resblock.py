@@ -70,8 +70,7 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         h = self.conv1(self.act(self.norm1(x)))
         scale, shift = self.cond_proj(self.act(cond))[:, :, None, None].chunk(2, dim=1)
-        # one addcmul: a single pass over the feature map where ``* (1 + scale) + shift`` makes two
-        h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        h = self.norm2(h) * (1 + scale) + shift
         return x + self.conv2(self.dropout(self.act(h)))
 
 

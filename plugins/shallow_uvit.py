@@ -169,10 +169,9 @@ class Block(nn.Module):
         """``cond`` is already ``silu(cond)`` (computed once by the core, not per block)."""
         (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate,
          mlp_shift, mlp_scale, mlp_gate) = self.ada(cond)[:, None, :].chunk(9, dim=-1)
-        # gated residuals as one addcmul each (x + gate * branch in a single pass)
-        x = torch.addcmul(x, sa_gate, self.drop(self.attn(modulate(self.norm1(x), sa_shift, sa_scale))))
-        x = torch.addcmul(x, ca_gate, self.drop(self.cross(modulate(self.norm2(x), ca_shift, ca_scale), text, text_mask)))
-        return torch.addcmul(x, mlp_gate, self.drop(self.mlp(modulate(self.norm3(x), mlp_shift, mlp_scale))))
+        x = x + sa_gate * self.drop(self.attn(modulate(self.norm1(x), sa_shift, sa_scale)))
+        x = x + ca_gate * self.drop(self.cross(modulate(self.norm2(x), ca_shift, ca_scale), text, text_mask))
+        return x + mlp_gate * self.drop(self.mlp(modulate(self.norm3(x), mlp_shift, mlp_scale)))
 
 
 class ShallowUViTCore(nn.Module):

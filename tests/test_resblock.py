@@ -123,7 +123,7 @@ def test_every_parameter_gets_a_gradient_once_trained_a_little(family) -> None:
 
 
 def test_resblock_is_the_scale_shift_formula():
-    """``ResBlock.forward`` (modulation as one addcmul) equals Dhariwal & Nichol's written-out
+    """``ResBlock.forward`` equals Dhariwal & Nichol's written-out
     ``x + conv2(silu(norm2(h) * (1 + scale) + shift))``, values and gradients, in fp32."""
     import torch.nn.functional as F
 

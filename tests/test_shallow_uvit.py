@@ -179,7 +179,7 @@ def test_sincos_table_distinguishes_positions():
 
 
 def test_block_is_the_gated_adaln_formula():
-    """``Block.forward`` (gated residuals as one addcmul each) equals DiT's written-out
+    """``Block.forward`` equals DiT's written-out
     ``x + gate * branch(norm(x) * (1 + scale) + shift)``, values and gradients, in fp32."""
     import torch.nn.functional as F
 

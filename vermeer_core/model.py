@@ -174,8 +174,8 @@ class VermeerModel(nn.Module):
         #: phase makes them trainable. Set by the builder.
         self.always_frozen: frozenset[str] = frozenset()
         #: run the conv stages of a grown model channels-last on CPU: oneDNN's channels-last
-        #: kernels made the 128 px step ~4% faster in process CPU time with equal loss
-        #: (``benchmarks/profile_step.py -r 128 --ab``; no gain at the 32 px core step, not
+        #: kernels took 7-8% off the 128 px step's CPU time with an equal loss (two A/B runs of
+        #: ``benchmarks/profile_step.py -r 128 --ab``; no gain at the 32 px core step; not
         #: measured on CUDA, so not used there). The input's format is what changes: FSDP2
         #: keeps the weights contiguous, and convolutions and GroupNorm follow the input.
         self.channels_last_cpu = True
