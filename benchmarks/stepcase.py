@@ -58,17 +58,13 @@ def stage_models(spec: RunSpec, upto: int | None = None) -> list[VermeerModel]:
 
 def engine_step(
     model: nn.Module, spec: RunSpec, stage: int, batch_size: int, device: torch.device, mesh: Any, *,
-    bf16: bool = False, channels_last: bool = False, prepare: Callable[[nn.Module], None] | None = None,
+    bf16: bool = False, prepare: Callable[[nn.Module], None] | None = None,
     shard: bool = True,
 ) -> Callable[[], Any]:
     """The engine's step of ``stage``'s last phase on a fixed batch, for a private ``model``
     (it is sharded and trained here). ``bf16``: autocast on CPU, FSDP2 bf16 parameters on
-    CUDA, as the engine does. ``channels_last``: the images in that memory format (an A/B
-    variant). Convolutions then run channels-last (oneDNN and cuDNN follow the input's format,
-    and GroupNorm, SiLU, upsampling and concatenation keep it); the weights stay contiguous,
-    since FSDP2 refuses non-contiguous parameters ("FSDP does not support non-contiguous
-    parameters yet", torch 2.13). ``prepare(model)`` runs before sharding (ablations patch
-    modules there). ``shard=False``: the plain module, not wrapped by FSDP2 (an ablation: what
+    CUDA, as the engine does. ``prepare(model)`` runs before sharding (ablations and A/B
+    variants patch modules there). ``shard=False``: the plain module, not wrapped by FSDP2 (an ablation: what
     FSDP2's DTensor parameters cost at world size 1)."""
     from vermeer_core.distributed import parallelize
 
@@ -92,8 +88,6 @@ def engine_step(
     data = reg.build(spec.data, "dataset", resolution=resolution, batch_size=batch_size, rank=0, world_size=1, seed=0)
     b = next(iter(data))
     images = b.images.to(device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
     fixed = type("Batch", (), {"images": images, "captions": list(b.captions)})()
     return lambda: ts(fixed)
 
