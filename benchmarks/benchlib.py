@@ -34,10 +34,16 @@ class Timing:
     max_ms: float
     repeats: int
     inner: int
+    #: this process's CPU time per call (``time.process_time``), median and best block: on a
+    #: machine shared with other jobs it leaves out the time spent waiting for a core, which
+    #: the wall clock counts (on CUDA it is the host's launch work only)
+    cpu_median_ms: float | None = None
+    cpu_min_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"ms": self.median_ms, "ms_min": self.min_ms, "ms_max": self.max_ms,
-                "repeats": self.repeats, "inner": self.inner}
+                "repeats": self.repeats, "inner": self.inner,
+                "cpu_ms": self.cpu_median_ms, "cpu_ms_min": self.cpu_min_ms}
 
 
 def synchronize(device: torch.device) -> None:
@@ -47,7 +53,18 @@ def synchronize(device: torch.device) -> None:
 
 
 def _block_ms(fn: Callable[[], object], inner: int, device: torch.device) -> float:
-    """Milliseconds per call over one block of ``inner`` calls."""
+    """Milliseconds per call over one block of ``inner`` calls (wall clock)."""
+    return _block(fn, inner, device)[0]
+
+
+def _block(fn: Callable[[], object], inner: int, device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) milliseconds per call over one block of ``inner`` calls."""
+    c0 = time.process_time()
+    wall = _wall_ms(fn, inner, device)
+    return wall, (time.process_time() - c0) * 1e3 / inner
+
+
+def _wall_ms(fn: Callable[[], object], inner: int, device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -94,12 +111,17 @@ def compare(
         inner[name] = max(1, min(max_inner, math.ceil(min_block_ms / max(one, 1e-3))))
         live.append(name)
     samples: dict[str, list[float]] = {name: [] for name in live}
+    cpu: dict[str, list[float]] = {name: [] for name in live}
     for r in range(repeats):
         order = live[r % len(live):] + live[: r % len(live)] if live else []
         for name in order:
-            samples[name].append(_block_ms(fns[name], inner[name], device))
+            wall, c = _block(fns[name], inner[name], device)
+            samples[name].append(wall)
+            cpu[name].append(c)
     timings = {
-        name: Timing(statistics.median(s), min(s), max(s), len(s), inner[name]) for name, s in samples.items()
+        name: Timing(statistics.median(s), min(s), max(s), len(s), inner[name],
+                     statistics.median(cpu[name]), min(cpu[name]))
+        for name, s in samples.items()
     }
     return timings, errors
 

@@ -10,6 +10,15 @@
   over DiT images/s at the same precision, scaled by their FLOP ratio (so exactly FLOP/s over
   FLOP/s). ``of_peak``: achieved FLOP/s (3 x forward FLOPs per image x images/s) over the
   matmul peak of that dtype measured in this run (``matmul_peak``).
+* ``test_core_gap``: what makes the core step slower than the DiT per FLOP: the same engine
+  step with the cross-attention, the text encoder (its output computed once, outside the step),
+  the Shallow-UViT's conv ResBlocks around the core, the q/k RMSNorm or FSDP2 (a plain module
+  under the same ``TrainStep``) removed, and with all five removed,
+  timed in turns with the DiT; each variant's FLOPs counted on it, so ``baseline_ratio`` is
+  FLOP/s over the DiT's.
+* ``test_grown_stages``: the grown 128 and 256 px stages (``stepcase.quickstart_spec``: the
+  quickstart grown on to 256 px) through the engine's step in fp32, end to end (the stage's
+  last phase), their ``of_peak`` against this run's fp32 matmul peak.
 * ``test_sampler_throughput``: images/s of each registered sampler at a fixed number of
   steps (NFE, x2 forwards with classifier-free guidance) on the same model.
 * ``test_world_sizes``: the engine's step at world size 1 and 2 (torchrun, gloo on CPU):
@@ -20,7 +29,8 @@
   against its training, as measured and extrapolated to the spec's step counts.
 
 Goals (issue 9; reported, never asserted): the CPU core step at >= 50% of the bf16 matmul
-peak and >= 1.0x the DiT; grown 128/256-px steps >= 35% of peak (``test_train_throughput``).
+peak and >= 1.0x the DiT; grown 128/256-px steps >= 35% of peak (``test_grown_stages``).
+The session also writes the README "Performance" table (``readme_table.py``) beside the JSON.
 """
 
 from __future__ import annotations
@@ -44,10 +54,11 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchlib import compare, synchronize
+from stepcase import engine_step, quickstart_spec, stage_models
 from vermeer_core.ema import EMA
 from vermeer_core.model import apply_phase, build_stage_model, stage_phases
 from vermeer_core.optim import build_optimizer
-from vermeer_core.plan import stage_forward_flops
+from vermeer_core.plan import measure_forward, stage_forward_flops
 from vermeer_core.plugins import get_plugins, get_registry
 from vermeer_core.spec import RunSpec, parse_spec
 from vermeer_core.step import TrainStep, grad_norm, make_loss_fn
@@ -56,7 +67,9 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "specs" / "quickstart.yaml"
 CORE_BATCH = {"cpu": 8, "cuda": 256}
 SAMPLER_STEPS = 8  # NFE per image (x2 forwards under guidance)
-SAMPLER_BATCH = {"cpu": 4, "cuda": 64}
+SAMPLER_BATCH = {"cpu": 2, "cuda": 64}
+SAMPLER_REPEATS = {"cpu": 2, "cuda": 3}
+GROWN_BATCH = {"cpu": {128: 2, 256: 1}, "cuda": {128: 64, 256: 32}}
 
 
 def quickstart() -> RunSpec:
@@ -187,6 +200,39 @@ def dit_step(model: nn.Module, images: Tensor, captions: list[str], device: torc
     return step
 
 
+# --- the grown stages (first: a run cut short by a time limit has them) ------------------------
+@pytest.fixture(scope="module")
+def grown() -> tuple[RunSpec, list[Any]]:
+    spec = quickstart_spec()
+    return spec, stage_models(spec)
+
+
+@pytest.mark.parametrize("resolution", [128, 256], ids=lambda r: f"r{r}")
+def test_grown_stages(resolution: int, device: torch.device, bench: Any, matmul_peak: dict[str, float],
+                      world_of_one: Any, grown: tuple[RunSpec, list[Any]]) -> None:
+    """A grown stage's engine step in fp32 (its last phase: all parameters train)."""
+    spec, models = grown
+    stage = [s.resolution for s in spec.stages].index(resolution)
+    batch = GROWN_BATCH[device.type][resolution]
+    fwd = stage_forward_flops(spec, get_registry(), stage)
+    torch.manual_seed(0)
+    step = engine_step(copy.deepcopy(models[stage]), spec, stage, batch, device, world_of_one.mesh)
+    cpu = device.type == "cpu"
+    timings, errors = compare({"fp32": step}, device, warmup=1 if cpu else 3, repeats=4 if cpu else 10,
+                              min_block_ms=0.0 if cpu else 200.0)
+    group = f"grown/{device.type}/quickstart-r{resolution}"
+    if errors:
+        bench.record(group, "fp32", error=errors["fp32"])
+    else:
+        t = timings["fp32"]
+        ips = batch / (t.median_ms / 1e3)
+        achieved = 3 * fwd * ips
+        bench.record(group, "fp32", device=device.type, resolution=resolution, batch=batch, precision="fp32",
+                     gflop_per_image_fwd=fwd / 1e9, images_per_s=ips, tflops=achieved / 1e12,
+                     of_peak=achieved / matmul_peak["fp32"] if matmul_peak.get("fp32") else None, **t.as_dict())
+    assert not errors, errors
+
+
 def test_core_vs_dit(device: torch.device, bench: Any, matmul_peak: dict[str, float], world_of_one: Any) -> None:
     from vermeer_core.distributed import parallelize
 
@@ -244,6 +290,94 @@ def test_core_vs_dit(device: torch.device, bench: Any, matmul_peak: dict[str, fl
     assert not errors, errors
 
 
+# --- what makes the gap to the DiT ---------------------------------------------------------------
+def _block_without_cross(self: nn.Module, x: Tensor, cond: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+    """A core block's forward (plugins/shallow_uvit.py ``Block``) without its cross-attention
+    branch: self-attention and MLP only, as in a DiT block."""
+    mods = self.ada(cond)[:, None, :].chunk(9, dim=-1)
+    x = x + mods[2] * self.attn(torch.addcmul(mods[0], self.norm1(x), 1 + mods[1]))
+    return x + mods[8] * self.mlp(torch.addcmul(mods[6], self.norm3(x), 1 + mods[7]))
+
+
+def _ablate(parts: tuple[str, ...], captions: list[str]) -> Callable[[nn.Module], None]:
+    """Patch a Shallow-UViT stage model (before sharding) to leave out ``parts``: ``cross``
+    (cross-attention), ``text`` (the encoder: its output for the batch's captions computed once,
+    no gradient), ``convs`` (the ResBlocks around the core; stem and head stay), ``qk_norm``
+    (the per-head RMSNorm of queries and keys, which the DiT lacks). ``fsdp2`` is applied by
+    :func:`stepcase.engine_step` (``shard=False``)."""
+    import types
+
+    def prepare(model: nn.Module) -> None:
+        if "cross" in parts:
+            for blk in model.core.blocks:
+                blk.forward = types.MethodType(_block_without_cross, blk)
+        if "text" in parts:
+            with torch.no_grad():
+                fixed = model.text(captions)
+            model.text.forward = lambda caps, fixed=fixed: fixed
+        if "convs" in parts:
+            model.shallow_in.forward = model.shallow_out.forward = lambda h, cond: h
+        if "qk_norm" in parts:
+            for blk in model.core.blocks:
+                for attn in (blk.attn, blk.cross):
+                    attn.q_norm, attn.k_norm = nn.Identity(), nn.Identity()
+
+    return prepare
+
+
+GAP_VARIANTS: dict[str, tuple[str, ...]] = {
+    "vermeer-core": (), "-cross-attn": ("cross",), "-text-encoder": ("text",), "-conv-resblocks": ("convs",),
+    "-qk-norm": ("qk_norm",), "-fsdp2": ("fsdp2",), "-all-five": ("cross", "text", "convs", "qk_norm", "fsdp2"),
+}
+
+
+def test_core_gap(device: torch.device, bench: Any, matmul_peak: dict[str, float], world_of_one: Any) -> None:
+    """The fp32 core step with parts removed, beside the DiT, in turns (see the module doc)."""
+    spec, reg = quickstart(), get_registry()
+    st = spec.stages[0]
+    batch = CORE_BATCH[device.type]
+    vflops = stage_forward_flops(spec, reg, 0)
+    width, depth, dflops = matched_dit(st.resolution, spec.model.grid, vflops, spec.model.core.width)  # type: ignore[attr-defined]
+    data = reg.build(spec.data, "dataset", resolution=st.resolution, batch_size=batch, rank=0, world_size=1, seed=0)
+    b = next(iter(data))
+    images, captions = b.images.to(device), list(b.captions)
+    torch.manual_seed(0)
+    base = build_stage_model(spec, reg, 0)
+    steps: dict[str, Callable[[], Any]] = {}
+    flops: dict[str, float] = {}
+    for name, parts in GAP_VARIANTS.items():
+        # FLOPs counted on a meta copy, as stage_forward_flops counts the full model (on a real
+        # CPU tensor FlopCounterMode does not see the flash-attention kernel's FLOPs)
+        with torch.device("meta"):
+            meta = build_stage_model(spec, reg, 0)
+        _ablate(parts, ["a red circle"])(meta)
+        flops[name] = measure_forward(meta, st.resolution)[0]
+        model = copy.deepcopy(base).to(device)
+        _ablate(parts, captions)(model)
+        steps[name] = engine_step(model, spec, 0, batch, device, world_of_one.mesh, shard="fsdp2" not in parts)
+    dit = f"dit-w{width}-d{depth}"
+    torch.manual_seed(0)
+    steps[dit] = dit_step(DiT(st.resolution, spec.model.grid, width, depth).to(device), images, captions, device, False)
+    flops[dit] = dflops
+    cpu = device.type == "cpu"
+    # 10 rounds: single parts move the ratio by a few per cent, about a 5-round median's noise
+    timings, errors = compare(steps, device, warmup=1 if cpu else 3, repeats=10,
+                              min_block_ms=0.0 if cpu else 200.0)
+    group = f"gap/{device.type}/core-r{st.resolution}/fp32"
+    dit_rate = 3 * dflops * batch / (timings[dit].median_ms / 1e3) if dit in timings else None
+    for name in steps:
+        if name in errors:
+            bench.record(group, name, baseline=name == dit, error=errors[name])
+            continue
+        achieved = 3 * flops[name] * batch / (timings[name].median_ms / 1e3)
+        bench.record(group, name, baseline=name == dit, device=device.type, batch=batch, precision="fp32",
+                     gflop_per_image_fwd=flops[name] / 1e9, images_per_s=batch / (timings[name].median_ms / 1e3),
+                     tflops=achieved / 1e12, of_peak=achieved / matmul_peak["fp32"] if matmul_peak.get("fp32") else None,
+                     baseline_ratio=achieved / dit_rate if dit_rate and name != dit else None,
+                     flop_share=flops[name] / flops["vermeer-core"], **timings[name].as_dict())
+    assert not errors, errors
+
+
 # --- samplers -------------------------------------------------------------------------------------
 def test_sampler_throughput(device: torch.device, bench: Any) -> None:
     from vermeer_core.sampling import generate
@@ -261,7 +395,7 @@ def test_sampler_throughput(device: torch.device, bench: Any) -> None:
         fns[name] = lambda sampler=sampler: generate(model, prompts, spec=spec, schedule=schedule, sampler=sampler,
                                                      resolution=st.resolution, device=device, steps=SAMPLER_STEPS)
     with torch.no_grad():
-        timings, errors = compare(fns, device, warmup=1, repeats=3, min_block_ms=0.0)
+        timings, errors = compare(fns, device, warmup=1, repeats=SAMPLER_REPEATS[device.type], min_block_ms=0.0)
     group = f"sampling/{device.type}/quickstart-r{st.resolution}-nfe{SAMPLER_STEPS}"
     for name in fns:
         if name in errors:
@@ -321,16 +455,16 @@ def test_growth_transition(bench: Any, tmp_path: Path, world_of_one: Any) -> Non
     times: dict[str, list[tuple[int, float]]] = {"stage_model": [], "phase": []}
     orig_stage, orig_phase = Engine._stage_model, Engine._run_phase
 
-    def timed_stage(self: Engine, stage: int, carry: Any) -> Any:
+    def timed_stage(self: Engine, stage: int, carry: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
-        out = orig_stage(self, stage, carry)
+        out = orig_stage(self, stage, carry, **kwargs)
         synchronize(world_of_one.device)
         times["stage_model"].append((stage, time.perf_counter() - t0))
         return out
 
-    def timed_phase(self: Engine, slot: Any, *args: Any) -> Any:
+    def timed_phase(self: Engine, slot: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
-        out = orig_phase(self, slot, *args)
+        out = orig_phase(self, slot, *args, **kwargs)
         synchronize(world_of_one.device)
         times["phase"].append((slot.stage, time.perf_counter() - t0))
         return out

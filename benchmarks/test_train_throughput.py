@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from benchlib import Timing, compare
+from stepcase import EXTRA_RESOLUTION, quickstart_spec
 from vermeer_core.diffusion import diffusion_loss
 from vermeer_core.interfaces import Phase
 from vermeer_core.metrics import peak_flops
@@ -41,27 +40,10 @@ from vermeer_core.plan import stage_forward_flops
 from vermeer_core.plugins import get_registry
 from vermeer_core.spec import RunSpec, parse_spec
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "specs" / "quickstart.yaml"
-EXTRA_RESOLUTION = 256  # one stage beyond the quickstart
 # Per-step batch: a few seconds per case on a 2-core CPU; enough work per step to fill a GPU.
 BATCH = {"cpu": {32: 8, 64: 4, 128: 2, 256: 1}, "cuda": {32: 256, 64: 128, 128: 64, 256: 32}}
 # (core width, depth, batch at 64x64): heads of 128 channels, as large cores use
 PAPER_CORES = [(1024, 8, 64), (2048, 8, 32)]
-
-
-def quickstart_spec() -> RunSpec:
-    """``specs/quickstart.yaml`` (32, 64) plus 128x128 and 256x256 stages grown the same way as
-    its last stage (with fresh outer layers: ``init: inherit`` only grows the core's stage)."""
-    data = yaml.safe_load(QUICKSTART.read_text())
-    widths = data["model"]["widths"]
-    last = copy.deepcopy(data["stages"][-1])
-    last["growth"].pop("init", None)
-    for r in range(2 * max(s["resolution"] for s in data["stages"]), EXTRA_RESOLUTION + 1):
-        if r & (r - 1) == 0:  # powers of two only
-            widths.setdefault(r, widths[max(widths)])
-            data["stages"].append({**copy.deepcopy(last), "resolution": r})
-    return parse_spec(data, get_registry(), f"{QUICKSTART.name} + a {EXTRA_RESOLUTION} stage")
 
 
 def paper_core_spec(width: int, depth: int) -> RunSpec:

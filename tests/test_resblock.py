@@ -120,3 +120,27 @@ def test_every_parameter_gets_a_gradient_once_trained_a_little(family) -> None:
     dec(down, skip, cond).square().mean().backward()
     for name, p in [*enc.named_parameters(), *dec.named_parameters()]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_resblock_is_the_scale_shift_formula():
+    """``ResBlock.forward`` equals Dhariwal & Nichol's written-out
+    ``x + conv2(silu(norm2(h) * (1 + scale) + shift))``, values and gradients, in fp32."""
+    import torch.nn.functional as F
+
+    block = ResBlock(8, COND, groups=4)
+    randomise(block)
+    x = torch.randn(2, 8, 6, 6, generator=gen(1), requires_grad=True)
+    cond = torch.randn(2, COND, generator=gen(2))
+
+    def written_out(t: torch.Tensor) -> torch.Tensor:
+        h = block.conv1(F.silu(block.norm1(t)))
+        scale, shift = block.cond_proj(F.silu(cond))[:, :, None, None].chunk(2, dim=1)
+        return t + block.conv2(F.silu(block.norm2(h) * (1 + scale) + shift))
+
+    got, want = block(x, cond), written_out(x)
+    assert (got - x).abs().max() > 0.01  # conv2 is not zero: the branch contributes
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    g_got = torch.autograd.grad(got.square().sum(), [x, block.cond_proj.weight])
+    g_want = torch.autograd.grad(want.square().sum(), [x, block.cond_proj.weight])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

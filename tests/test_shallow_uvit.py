@@ -176,3 +176,30 @@ def test_sincos_table_distinguishes_positions():
     table = sincos_2d(GRID, 32)
     assert table.shape == (GRID * GRID, 32)
     assert torch.cdist(table, table).add(torch.eye(GRID * GRID)).min() > 0.1
+
+
+def test_block_is_the_gated_adaln_formula():
+    """``Block.forward`` equals DiT's written-out
+    ``x + gate * branch(norm(x) * (1 + scale) + shift)``, values and gradients, in fp32."""
+    import torch.nn.functional as F
+
+    core = perturb(make_core())
+    blk = core.blocks[0]
+    x, cond, text = inputs()
+    tokens = torch.randn(2, GRID * GRID, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    c = F.silu(torch.randn(2, COND, generator=torch.Generator().manual_seed(4)))
+    ctx = core.text_norm(core.text_proj(text.tokens)).detach()
+
+    def written_out(t: torch.Tensor) -> torch.Tensor:
+        m = blk.ada(c)[:, None, :].chunk(9, dim=-1)
+        t = t + m[2] * blk.attn(blk.norm1(t) * (1 + m[1]) + m[0])
+        t = t + m[5] * blk.cross(blk.norm2(t) * (1 + m[4]) + m[3], ctx, text.mask)
+        return t + m[8] * blk.mlp(blk.norm3(t) * (1 + m[7]) + m[6])
+
+    got, want = blk(tokens, c, ctx, text.mask), written_out(tokens)
+    assert (got - tokens).abs().max() > 0.1  # the gates are open: the branches contribute
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    g_got = torch.autograd.grad(got.square().sum(), [tokens, blk.ada.weight])
+    g_want = torch.autograd.grad(want.square().sum(), [tokens, blk.ada.weight])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
