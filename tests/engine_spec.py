@@ -32,6 +32,7 @@ __all__ = [
     "read_metrics",
     "reference_run",
     "run_cli",
+    "run_main",
     "spec_data",
     "write_spec",
 ]
@@ -76,6 +77,23 @@ def run_cli(
         [sys.executable, "-m", "vermeer_core", *args],
         capture_output=True, text=True, env={**cli_env(fault), **(env or {})}, cwd=ROOT, timeout=timeout,
     )
+
+
+def run_main(args: list[str], capsys: Any) -> subprocess.CompletedProcess[str]:
+    """``vermeer ARGS`` in this process (``vermeer_core.cli.main``, pytest's ``capsys`` capturing
+    its output), for commands that need no process of their own (nothing is killed, no torchrun):
+    the same code without a fresh interpreter, torch import and plugin load per call. An
+    exception main() does not turn into a message propagates and fails the test, as a traceback
+    in a subprocess's stderr would."""
+    from vermeer_core.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except SystemExit as exc:  # argparse's usage errors, as the console script exits
+        rc = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["vermeer", *args], rc, out, err)
 
 
 _REFERENCE: dict[str, Path] = {}
