@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine_spec import ROOT, run_cli, spec_data, write_spec
+from engine_spec import ROOT, run_cli, run_main, spec_data, write_spec
 from vermeer_core.cli import main
 from vermeer_core.io import StorageError, disk_full, storage_errors
 from vermeer_core.memcheck import check_fits, peak_bytes
@@ -111,8 +111,8 @@ def test_run_that_cannot_fit_says_what_to_do():
         check_fits(spec, registry, QUICK, world_size=4, device=torch.device("cpu"), available=(need // 3, "RAM"))
 
 
-def test_run_on_this_machine_refuses_before_writing(tmp_path):
-    r = run_cli(["run", GROW, "--out", str(tmp_path / "run"), "--device", "cpu"], timeout=600)
+def test_run_on_this_machine_refuses_before_writing(tmp_path, capsys):
+    r = run_main(["run", GROW, "--out", str(tmp_path / "run"), "--device", "cpu"], capsys)
     assert r.returncode == 2, r.stderr
     assert "MemAvailable" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
