@@ -36,8 +36,24 @@ def _start(spec: Path, out: Path, **env: str) -> subprocess.Popen[str]:
     )
 
 
+def _guard_free(out: Path) -> bool:
+    """Whether no process holds the lease guard's ``flock`` of ``out`` (a run stopped inside a
+    renewal would, and a second run would then wait for it for ever)."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases it
+    return True
+
+
 def _pause_when_leased(proc: subprocess.Popen[str], out: Path, timeout: float = 900) -> Holder:
-    """Wait until ``proc`` holds the lease of ``out``, then SIGSTOP it; the recorded holder."""
+    """Wait until ``proc`` holds the lease of ``out``, then SIGSTOP it outside the lease guard's
+    flock (stopped inside a renewal, it is let go on and stopped again); the recorded holder."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lease = out / LEASE_FILE
@@ -45,7 +61,10 @@ def _pause_when_leased(proc: subprocess.Popen[str], out: Path, timeout: float = 
             holder = Holder.parse(lease.read_bytes())
             if holder is not None and holder.pid == proc.pid:
                 proc.send_signal(signal.SIGSTOP)
-                return holder
+                os.waitpid(proc.pid, os.WUNTRACED)  # returns once it is stopped
+                if _guard_free(out):
+                    return Holder.parse(lease.read_bytes()) or holder  # a renewal may have rewritten it
+                proc.send_signal(signal.SIGCONT)
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     raise AssertionError("the first run never took the lease")
