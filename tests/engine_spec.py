@@ -32,6 +32,7 @@ __all__ = [
     "read_metrics",
     "reference_run",
     "run_cli",
+    "run_main",
     "spec_data",
     "write_spec",
 ]
@@ -78,11 +79,28 @@ def run_cli(
     )
 
 
+def run_main(args: list[str], capsys: Any) -> subprocess.CompletedProcess[str]:
+    """``vermeer ARGS`` in this process (``vermeer_core.cli.main``, pytest's ``capsys`` capturing
+    its output), for commands that need no process of their own (nothing is killed, no torchrun):
+    the same code without a fresh interpreter, torch import and plugin load per call. An
+    exception main() does not turn into a message propagates and fails the test, as a traceback
+    in a subprocess's stderr would."""
+    from vermeer_core.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except SystemExit as exc:  # argparse's usage errors, as the console script exits
+        rc = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["vermeer", *args], rc, out, err)
+
+
 _REFERENCE: dict[str, Path] = {}
 
 
 def reference_run(tmp_path_factory: Any) -> Path:
-    """An uninterrupted CLI run of :data:`BASE` with ``train.checkpoint_every=6`` (once per
+    """An uninterrupted ``vermeer run`` of :data:`BASE` with ``train.checkpoint_every=6`` (once per
     test session; treat it as read-only: copy it before resuming or changing it)."""
     if "run" not in _REFERENCE:
         base = tmp_path_factory.mktemp("reference")
@@ -90,8 +108,11 @@ def reference_run(tmp_path_factory: Any) -> Path:
         # every 2 steps, then also show that checkpointing does not perturb training
         spec = write_spec(base / "reference.yaml", spec_data(checkpoint_every=6))
         out = base / "reference-run"
-        r = run_cli(["run", str(spec), "--out", str(out), "--resume", "never"])
-        assert r.returncode == 0, r.stderr
+        # in this process (the CLI's main): the killed-and-resumed real processes compared with
+        # it match it bit for bit all the same
+        from vermeer_core.cli import main
+
+        assert main(["run", str(spec), "--out", str(out), "--resume", "never"]) == 0
         _REFERENCE["run"] = out
     return _REFERENCE["run"]
 

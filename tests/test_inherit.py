@@ -1,5 +1,6 @@
 """``greedy`` with ``init: inherit``: at step 0 of a grown stage, in a real ``vermeer run``, the
-model computes (nearly) up(prev(down(x))); with ``init: fresh`` it does not."""
+model computes (nearly) up(prev(down(x))); with ``init: fresh`` it does not. (The runs go
+through ``vermeer_core.cli.main`` in this process: nothing here needs a process of its own.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_spec import BASE, STAGE0_END, run_cli, write_spec
+from engine_spec import BASE, STAGE0_END, run_main, write_spec
+
+from vermeer_core.cli import main
 
 from vermeer_core.inference import load_checkpoint
 from vermeer_core.model import VermeerModel, build_stage_model, conditioning_offset
@@ -61,8 +64,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ):
         spec = write_spec(base / f"{name}.yaml", _spec(init, conditioning=conditioning))
         out[name] = base / name
-        r = run_cli(["run", str(spec), "--out", str(out[name]), "--resume", "never"])
-        assert r.returncode == 0, r.stderr
+        assert main(["run", str(spec), "--out", str(out[name]), "--resume", "never"]) == 0
     return out
 
 
@@ -112,7 +114,8 @@ def test_conditioning_offset_per_stage() -> None:
         assert got == pytest.approx(want)
 
 
-def test_inherit_is_declared_and_refuses_what_it_cannot_represent(tmp_path: Path) -> None:
+def test_inherit_is_declared_and_refuses_what_it_cannot_represent(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     reg = get_registry()
     spec = parse_spec(_spec("inherit"), reg, "<test>")
     m0 = build_stage_model(spec, reg, 0)
@@ -125,5 +128,5 @@ def test_inherit_is_declared_and_refuses_what_it_cannot_represent(tmp_path: Path
     with pytest.raises(ValueError, match=r"model.widths must be 8 at \[8\]"):
         build_stage_model(bad, reg, 1, prev=build_stage_model(bad, reg, 0))
     path = write_spec(tmp_path / "bad.yaml", data)
-    r = run_cli(["validate", str(path)])
+    r = run_main(["validate", str(path)], capsys)
     assert r.returncode == 2 and "model.widths must be 8" in (r.stderr + r.stdout), r.stderr

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_spec import ROOT, TOTAL_STEPS, cli_env, read_metrics, run_cli, spec_data, write_spec
+from engine_spec import ROOT, STAGE0_END, cli_env, read_metrics, run_cli, run_main, spec_data, write_spec
 
 from vermeer_core.lease import LEASE_FILE, Holder, Lease, LeaseHeld
 
@@ -36,8 +36,24 @@ def _start(spec: Path, out: Path, **env: str) -> subprocess.Popen[str]:
     )
 
 
+def _guard_free(out: Path) -> bool:
+    """Whether no process holds the lease guard's ``flock`` of ``out`` (a run stopped inside a
+    renewal would, and a second run would then wait for it for ever)."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases it
+    return True
+
+
 def _pause_when_leased(proc: subprocess.Popen[str], out: Path, timeout: float = 900) -> Holder:
-    """Wait until ``proc`` holds the lease of ``out``, then SIGSTOP it; the recorded holder."""
+    """Wait until ``proc`` holds the lease of ``out``, then SIGSTOP it outside the lease guard's
+    flock (stopped inside a renewal, it is let go on and stopped again); the recorded holder."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lease = out / LEASE_FILE
@@ -45,7 +61,10 @@ def _pause_when_leased(proc: subprocess.Popen[str], out: Path, timeout: float = 
             holder = Holder.parse(lease.read_bytes())
             if holder is not None and holder.pid == proc.pid:
                 proc.send_signal(signal.SIGSTOP)
-                return holder
+                os.waitpid(proc.pid, os.WUNTRACED)  # returns once it is stopped
+                if _guard_free(out):
+                    return Holder.parse(lease.read_bytes()) or holder  # a renewal may have rewritten it
+                proc.send_signal(signal.SIGCONT)
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     raise AssertionError("the first run never took the lease")
@@ -56,13 +75,18 @@ def spec(tmp_path: Path) -> Path:
     return write_spec(tmp_path / "s.yaml", spec_data(checkpoint_every=2))
 
 
-def test_second_run_is_refused_while_the_first_holds_the_lease(spec: Path, tmp_path: Path) -> None:
+def test_second_run_is_refused_while_the_first_holds_the_lease(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    data = spec_data(checkpoint_every=2)
+    del data["stages"][1:], data["model"]["widths"][16]  # stage 0 only (6 steps): the lease is under test
+    spec = write_spec(tmp_path / "s.yaml", data)
     out = tmp_path / "run"
     first = _start(spec, out)
     try:
         holder = _pause_when_leased(first, out)
         before = _files(out)
-        r = run_cli(["run", str(spec), "--out", str(out)], timeout=900)
+        # the refused run needs no process of its own: vermeer_core.cli.main in this one
+        r = run_main(["run", str(spec), "--out", str(out)], capsys)
         assert r.returncode == 1, r.stderr
         assert "Traceback" not in r.stderr
         assert f"held by host {socket.gethostname()}, pid {first.pid}, started" in r.stderr, r.stderr
@@ -73,7 +97,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(spec: Path, tmp_p
     _, err = first.communicate(timeout=900)
     assert first.returncode == 0, err
     assert not (out / LEASE_FILE).exists()
-    assert [m["step"] for m in read_metrics(out)] == list(range(1, TOTAL_STEPS + 1))
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, STAGE0_END + 1))
 
 
 @pytest.mark.slow  # two real runs, ~25 s: keeps the default suite near 10 min on 2 cores

@@ -4,6 +4,10 @@ losses of an uninterrupted run (CPU, fp32, counter-based RNG).
 
 Together these also show that resuming several times equals resuming once: the kill test
 resumes once, the fault chain three times, and both match the same uninterrupted run.
+
+Processes that are killed are real; a resume that runs to the end goes through
+``vermeer_core.cli.main`` in this process (``engine_spec.run_main``): the same code, without
+another interpreter start and torch import.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from engine_spec import (
     read_metrics,
     reference_run,
     run_cli,
+    run_main,
     write_spec,
 )
 
@@ -65,7 +70,8 @@ def resumed_from(stderr: str, step: int) -> bool:
     return f"resuming from step {step} (stage {stage}, phase {phase})" in stderr
 
 
-def test_kill_during_training_resumes_bit_exactly(reference: Path, tmp_path: Path) -> None:
+def test_kill_during_training_resumes_bit_exactly(reference: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     spec = write_spec(tmp_path / "s.yaml")
     out = tmp_path / "run"
     proc = subprocess.Popen(
@@ -87,7 +93,7 @@ def test_kill_during_training_resumes_bit_exactly(reference: Path, tmp_path: Pat
     assert committed and committed[-1] < TOTAL_STEPS
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "stage": 0, "lo')  # as if the kill had torn a line in half
-    r = run_cli(["run", str(spec), "--out", str(out)])
+    r = run_main(["run", str(spec), "--out", str(out)], capsys)
     assert r.returncode == 0, r.stderr
     assert resumed_from(r.stderr, committed[-1]), r.stderr
     assert_losses_match(out, reference)
@@ -96,7 +102,8 @@ def test_kill_during_training_resumes_bit_exactly(reference: Path, tmp_path: Pat
     assert all((d / "COMMITTED").exists() for d in (out / "checkpoints").glob("step-*"))
 
 
-def test_kill_at_every_point_of_a_checkpoint_write(reference: Path, tmp_path: Path) -> None:
+def test_kill_at_every_point_of_a_checkpoint_write(reference: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """One run killed three times, once at each fault point of a save, resumed after each.
 
     The resumes land mid-stage, exactly at the growth boundary (stage 0's final checkpoint)
@@ -130,7 +137,7 @@ def test_kill_at_every_point_of_a_checkpoint_write(reference: Path, tmp_path: Pa
 
     # 4. step 7 is committed although `latest` still names 6: resume just after the growth
     #    boundary and finish
-    r = run_cli(run)
+    r = run_main(run, capsys)
     assert r.returncode == 0, r.stderr
     assert resumed_from(r.stderr, 7), r.stderr
 
