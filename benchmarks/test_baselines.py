@@ -233,17 +233,23 @@ def test_grown_stages(resolution: int, device: torch.device, bench: Any, matmul_
     assert not errors, errors
 
 
-def test_core_vs_dit(device: torch.device, bench: Any, matmul_peak: dict[str, float], world_of_one: Any) -> None:
-    from vermeer_core.distributed import parallelize
-
+def _core_case(device: torch.device) -> tuple[Any, Any, Any, int, float, tuple[int, int, float], torch.Tensor, list[str]]:
+    """The quickstart core step's inputs: spec, registry, stage 0, batch, vermeer's forward
+    FLOPs per image, the FLOP-matched DiT (width, depth, FLOPs) and one batch of data."""
     spec, reg = quickstart(), get_registry()
     st = spec.stages[0]
     batch = CORE_BATCH[device.type]
     vflops = stage_forward_flops(spec, reg, 0)
-    width, depth, dflops = matched_dit(st.resolution, spec.model.grid, vflops, spec.model.core.width)  # type: ignore[attr-defined]
     data = reg.build(spec.data, "dataset", resolution=st.resolution, batch_size=batch, rank=0, world_size=1, seed=0)
     b = next(iter(data))
-    images, captions = b.images.to(device), list(b.captions)
+    dit = matched_dit(st.resolution, spec.model.grid, vflops, spec.model.core.width)  # type: ignore[attr-defined]
+    return spec, reg, st, batch, vflops, dit, b.images.to(device), list(b.captions)
+
+
+def test_core_vs_dit(device: torch.device, bench: Any, matmul_peak: dict[str, float], world_of_one: Any) -> None:
+    from vermeer_core.distributed import parallelize
+
+    spec, reg, st, batch, vflops, (width, depth, dflops), images, captions = _core_case(device)
     phase = stage_phases(spec, reg, 0)[-1]
     steps: dict[str, Callable[[], None]] = {}
     for bf16 in (False, True):
@@ -333,14 +339,7 @@ GAP_VARIANTS: dict[str, tuple[str, ...]] = {
 
 def test_core_gap(device: torch.device, bench: Any, matmul_peak: dict[str, float], world_of_one: Any) -> None:
     """The fp32 core step with parts removed, beside the DiT, in turns (see the module doc)."""
-    spec, reg = quickstart(), get_registry()
-    st = spec.stages[0]
-    batch = CORE_BATCH[device.type]
-    vflops = stage_forward_flops(spec, reg, 0)
-    width, depth, dflops = matched_dit(st.resolution, spec.model.grid, vflops, spec.model.core.width)  # type: ignore[attr-defined]
-    data = reg.build(spec.data, "dataset", resolution=st.resolution, batch_size=batch, rank=0, world_size=1, seed=0)
-    b = next(iter(data))
-    images, captions = b.images.to(device), list(b.captions)
+    spec, reg, st, batch, vflops, (width, depth, dflops), images, captions = _core_case(device)
     torch.manual_seed(0)
     base = build_stage_model(spec, reg, 0)
     steps: dict[str, Callable[[], Any]] = {}
