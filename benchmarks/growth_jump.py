@@ -1,4 +1,4 @@
-"""Loss jump at the growth step, ``greedy`` with ``init: fresh`` vs ``init: inherit`` (issue 8
+"""Loss jump at the growth step, ``greedy`` with ``init: fresh`` vs ``inherit`` vs ``inherit-denoiser`` (issue 8
 item 4), through real ``vermeer run`` s of a small two-stage spec (16 px core on an 8x8 grid
 grown to 32 px; a few minutes on 2 CPU cores), then the step-0 fidelity of both inits on the
 trained stage-0 model (``benchmarks/inherit_fidelity.py``).
@@ -35,7 +35,9 @@ def spec(init: str, seed: int, steps: tuple[int, int] = (300, 60), batch: int = 
             "attention": {"type": "math"},
         },
         "diffusion": {"schedule": {"type": "shifted-cosine", "base_resolution": 16}, "prediction": "v",
-                      "cond_drop": 0.1},
+                      "cond_drop": 0.1,
+                      # inherit-denoiser needs the core told its own grid's level (stage 0 is unchanged)
+                      **({"conditioning": "normalized-logsnr"} if init == "inherit-denoiser" else {})},
         "data": {"type": "synthetic"},
         "optim": {"lr": 1.0e-3, "warmup_steps": 20, "decay": "constant", "grad_clip": 1.0},
         "ema": {"decay": 0.99},
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     procs = {}
-    for init in ("fresh", "inherit"):
+    for init in ("fresh", "inherit", "inherit-denoiser"):
         path = args.out / f"{init}.yaml"
         path.write_text(yaml.safe_dump(spec(init, args.seed, tuple(args.steps), args.batch), sort_keys=False))
         procs[init] = subprocess.Popen(

@@ -9,9 +9,9 @@ everything (B). ``from-scratch``: a fresh U-Net at every stage, trained end to e
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 
 from vermeer_core.api import (
     check_phase_names,
@@ -58,12 +58,28 @@ class GreedyGrowthConfig(_PhasesConfig):
     keep_stages: bool = Field(
         True, description="keep the previous stage's encoder/decoder stages (else rebuild them)"
     )
-    init: Literal["fresh", "inherit"] = Field(
+    init: Literal["fresh", "inherit", "inherit-denoiser"] = Field(
         "fresh",
-        description="new outer stages: 'fresh' (random, identity ResBlocks, zero head) or "
-        "'inherit' (start as the previous stage's model on the 2x down-sampled input, "
-        "up-sampled; growth from the Shallow-UViT stage only, see vermeer_plugins.inherit)",
+        description="new outer stages: 'fresh' (random, identity ResBlocks, zero head), "
+        "'inherit' (start as the previous stage's model output on the 2x down-sampled input, "
+        "up-sampled) or 'inherit-denoiser' (start as the previous stage's denoiser, up-sampled, "
+        "plus a Wiener estimate of the within-2x2 detail: samples at step 0 are prev's; needs "
+        "diffusion.conditioning: normalized-logsnr). Growth from the Shallow-UViT stage only; "
+        "see vermeer_plugins.inherit",
     )
+    detail_std: float = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="inherit-denoiser: the assumed std of the images' within-2x2 detail (in [-1, 1] "
+        "pixel units) for the Wiener estimate; the synthetic data's is 0.04 at 64 px",
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_defaults(self, handler: Any) -> dict[str, Any]:
+        # left out of a dump while default, so runs checkpointed before it existed keep their hash
+        out = handler(self)
+        if out.get("detail_std") == 0.05:
+            del out["detail_std"]
+        return out
 
 
 class FromScratchConfig(_PhasesConfig):
@@ -97,8 +113,9 @@ class GreedyGrowth(_ConfiguredPhases):
                 "from (use vermeer_core.model.replay to rebuild it)"
             )
         model = ctx.builder.unet(ctx.resolution, reuse=prev, keep_stages=self.config.keep_stages)
-        if self.config.init == "inherit":
-            return inherit_init(model, prev, ctx)
+        if self.config.init != "fresh":
+            detail = self.config.detail_std if self.config.init == "inherit-denoiser" else None
+            return inherit_init(model, prev, ctx, detail_std=detail)
         if prev.shallow_in is not None and prev.encoders:  # an inherited stage: keep its blocks
             model.shallow_in, model.shallow_out = prev.shallow_in, prev.shallow_out
         return model

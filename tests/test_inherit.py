@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from engine_spec import BASE, STAGE0_END, run_main, write_spec
 
 from vermeer_core.cli import main
+from vermeer_core.diffusion import alpha_sigma, logsnr_grid
 
 from vermeer_core.inference import load_checkpoint
 from vermeer_core.model import VermeerModel, build_stage_model, conditioning_offset
 from vermeer_core.plugins import get_registry
 from vermeer_core.spec import parse_spec
+from vermeer_plugins.inherit import DenoiserSkip
 
 
 def _spec(init: str, lr_mult: float = 1e-9, conditioning: str = "logsnr") -> dict:
@@ -61,6 +63,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("fresh", "fresh", "logsnr"),
         ("inherit", "inherit", "logsnr"),
         ("inherit-normalized", "inherit", "normalized-logsnr"),
+        ("inherit-denoiser", "inherit-denoiser", "normalized-logsnr"),
     ):
         spec = write_spec(base / f"{name}.yaml", _spec(init, conditioning=conditioning))
         out[name] = base / name
@@ -130,3 +133,95 @@ def test_inherit_is_declared_and_refuses_what_it_cannot_represent(tmp_path: Path
     path = write_spec(tmp_path / "bad.yaml", data)
     r = run_main(["validate", str(path)], capsys)
     assert r.returncode == 2 and "model.widths must be 8" in (r.stderr + r.stdout), r.stderr
+
+
+def _x0(model: VermeerModel, x: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+    """The model's estimate of the clean image (v-prediction)."""
+    alpha, sigma = (t[:, None, None, None] for t in alpha_sigma(logsnr))
+    return alpha * x - sigma * _out(model, x, logsnr)
+
+
+def test_inherit_denoiser_starts_as_the_previous_stage_denoiser(runs: dict[str, Path]) -> None:
+    """``init: inherit-denoiser`` through a real run: at step 0 the grown model's clean-image
+    estimate is prev's, on the pooled image at its own level (the input scaled to variance
+    preserving, conditioned on lam + 2 log 2), averaged over each token's pixels and
+    up-sampled, plus the Wiener estimate of the within-token detail; computed here from prev
+    directly, independently of DenoiserSkip's closed form."""
+    prev, grown = _stage_models(runs["inherit-denoiser"])
+    assert isinstance(grown.precondition, DenoiserSkip) and prev.precondition is None
+    g = torch.Generator().manual_seed(2)
+    r, block, s = grown.resolution, grown.resolution // grown.grid, grown.precondition.detail_std
+    x = torch.randn(2, 3, r, r, generator=g) * 0.5 + torch.rand(2, 3, 1, 1, generator=g) - 0.5
+    up = lambda t, f: F.interpolate(t, scale_factor=f, mode="nearest")  # noqa: E731
+    for lam in (-6.0, -1.0, 3.0, 9.0):
+        logsnr = torch.full((2,), lam)
+        a, sg = math.sqrt(torch.sigmoid(torch.tensor(lam))), math.sqrt(torch.sigmoid(torch.tensor(-lam)))
+        k = math.sqrt(a * a + sg * sg / 4)
+        small = F.avg_pool2d(x, 2) / k  # prev's variance-preserving input at lam + 2 log 2
+        prev_x0 = _x0(prev, small, logsnr + 2 * math.log(2))
+        low = up(F.avg_pool2d(prev_x0, block // 2), block)  # token means, up-sampled
+        detail = x - up(F.avg_pool2d(x, block), block)
+        want = low + a * s * s / (a * a * s * s + sg * sg) * detail
+        got = _x0(grown, x, logsnr)
+        assert float((got - want).norm() / want.norm()) < 1e-5, lam
+
+
+def test_denoiser_skip_closed_form_is_the_v_of_its_estimate() -> None:
+    """DenoiserSkip's bounded coefficients equal the direct formula (alpha x - x0_hat) / sigma,
+    in float64, across the log-SNR range the schedules use; and they stay finite in bf16."""
+    skip = DenoiserSkip(0.05, block=4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64)
+    out = torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64)
+    for lam in (-20.0, -5.0, 0.0, 5.0, 15.0):
+        logsnr = torch.full((3,), lam, dtype=torch.float64)
+        a2, s2 = torch.sigmoid(torch.tensor(lam, dtype=torch.float64)), torch.sigmoid(torch.tensor(-lam, dtype=torch.float64))
+        a, sg, k = a2.sqrt(), s2.sqrt(), (a2 + s2 / 4).sqrt()
+        a2p = torch.sigmoid(torch.tensor(lam + 2 * math.log(2), dtype=torch.float64))
+        low = F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="nearest")
+        x0_hat = a2p.sqrt() * low / k - (1 - a2p).sqrt() * out + a * 0.0025 / (a2 * 0.0025 + s2) * (x - low)
+        want = (a * x - x0_hat) / sg
+        got = skip.combine(x, logsnr, out).double()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), lam
+        assert torch.allclose(skip.scale_input(x, logsnr), x / k)
+        assert torch.isfinite(skip.combine(x.bfloat16(), logsnr.float(), out.bfloat16())).all()
+
+
+def test_inherit_denoiser_samples_carry_no_within_token_noise(runs: dict[str, Path]) -> None:
+    """The failure it fixes: sampling the step-0 ``inherit`` model leaves the within-2x2 part of
+    the initial noise in the image (its v has none, so each deterministic step keeps it);
+    the step-0 ``inherit-denoiser`` model's samples are as smooth within a token as prev's."""
+    reg = get_registry()
+    detail = {}
+    for name in ("inherit-normalized", "inherit-denoiser"):
+        _, grown = _stage_models(runs[name])
+        spec = parse_spec(_spec("inherit-denoiser" if name == "inherit-denoiser" else "inherit",
+                                conditioning="normalized-logsnr"), reg)
+        schedule = reg.build(spec.diffusion.schedule, "noise_schedule")
+        logsnrs = logsnr_grid(schedule, grown.resolution, 16)
+        text = grown.encode_text(["a large red circle"] * 2)
+        alpha = lambda lam: torch.sigmoid(lam).sqrt()  # noqa: E731
+        x = torch.randn(2, 3, grown.resolution, grown.resolution, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            for lt, ls in zip(logsnrs[:-1], logsnrs[1:]):  # DDIM (deterministic, first order)
+                lam = torch.full((2,), float(lt))
+                a, sg = alpha(lam)[:, None, None, None], alpha(-lam)[:, None, None, None]
+                v = grown(x, lam, text)
+                x0, eps = a * x - sg * v, sg * x + a * v
+                x = alpha(ls) * x0 + alpha(-ls) * eps
+        block = grown.resolution // grown.grid
+        detail[name] = float((x - F.interpolate(F.avg_pool2d(x, block), scale_factor=block)).std())
+    assert detail["inherit-normalized"] > 0.3, detail  # most of the initial noise survives
+    assert detail["inherit-denoiser"] < 0.1, detail
+
+
+def test_inherit_denoiser_needs_normalized_conditioning_and_v(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    for key, value, needle in (("conditioning", "logsnr", "normalized-logsnr"), ("prediction", "eps", "prediction: v")):
+        data = _spec("inherit-denoiser", conditioning="normalized-logsnr")
+        data["diffusion"][key] = value
+        r = run_main(["validate", str(write_spec(tmp_path / f"{key}.yaml", data))], capsys)
+        assert r.returncode == 2 and needle in r.stderr and "stages.1.growth" in r.stderr, r.stderr
+    # the new option leaves existing specs' dump (and so their hash) unchanged
+    spec = parse_spec(_spec("inherit"), get_registry())
+    assert "detail_std" not in spec.model_dump()["stages"][1]["growth"]

@@ -38,6 +38,7 @@ __all__ = [
     "Metric",
     "NoiseSchedule",
     "Phase",
+    "Preconditioning",
     "Sampler",
     "SamplerCallback",
     "TextEmbedding",
@@ -267,6 +268,24 @@ class Phase:
     steps: int
     lr_mult: float = 1.0
     trainable: Trainable = "all"
+
+
+@runtime_checkable
+class Preconditioning(Protocol):
+    """An optional wrapper around a :class:`~vermeer_core.model.VermeerModel`'s network, set by a
+    growth policy as ``model.precondition`` (EDM's preconditioning, Karras et al. 2022, §5:
+    ``D(x) = c_skip x + c_out F(c_in x)``, in the spec's prediction space).
+
+    The model runs its network ``F`` on ``scale_input(x_t, logsnr)`` and returns
+    ``combine(x_t, logsnr, F(...))``: a prediction of the spec's kind (``v`` or ``eps``) for
+    ``x_t`` at ``logsnr``, which the loss and the samplers use unchanged. Both must be pure
+    functions of their arguments (the module holds no trained state: nothing of it is
+    checkpointed), so that a model rebuilt by ``replay`` computes what the trained one did.
+    """
+
+    def scale_input(self, x_t: Tensor, logsnr: Tensor) -> Tensor: ...
+
+    def combine(self, x_t: Tensor, logsnr: Tensor, out: Tensor) -> Tensor: ...
 
 
 @runtime_checkable

@@ -184,6 +184,10 @@ class VermeerModel(nn.Module):
         #: measured on CUDA, so not used there). The input's format is what changes: FSDP2
         #: keeps the weights contiguous, and convolutions and GroupNorm follow the input.
         self.channels_last_cpu = True
+        #: optional :class:`~vermeer_core.interfaces.Preconditioning` set by a growth policy:
+        #: the network runs on ``scale_input(x_t, logsnr)`` and the model returns
+        #: ``combine(x_t, logsnr, out)`` (e.g. ``greedy`` with ``init: inherit-denoiser``)
+        self.precondition: nn.Module | None = None
 
     @property
     def encoder_resolutions(self) -> list[int]:
@@ -207,9 +211,10 @@ class VermeerModel(nn.Module):
         if logsnr.ndim == 0:
             logsnr = logsnr.expand(x_t.shape[0])
         cond = self.cond(logsnr + self.logsnr_offset if self.logsnr_offset else logsnr, text.pooled)
-        if self.encoders and self.channels_last_cpu and x_t.device.type == "cpu":
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        h = self.stem(x_t)
+        x_in = x_t if self.precondition is None else self.precondition.scale_input(x_t, logsnr)
+        if self.encoders and self.channels_last_cpu and x_in.device.type == "cpu":
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        h = self.stem(x_in)
         skips: list[Tensor] = []
         for encoder in self.encoders.values():
             skip, h = encoder(h, cond)
@@ -221,7 +226,8 @@ class VermeerModel(nn.Module):
             h = self.shallow_out(h, cond)
         for decoder, skip in zip(reversed(self.decoders.values()), reversed(skips)):
             h = decoder(h, skip, cond)
-        return self.head(h)
+        out = self.head(h)
+        return out if self.precondition is None else self.precondition.combine(x_t, logsnr, out)
 
     def topology(self) -> dict[str, Any]:
         """A plain description of the structure (for ``vermeer plan`` and tests)."""
@@ -232,6 +238,7 @@ class VermeerModel(nn.Module):
             "stem_factor": self.stem_factor,
             "encoders": self.encoder_resolutions,
             "new_modules": sorted(self.new_modules),
+            **({"precondition": repr(self.precondition)} if self.precondition is not None else {}),
         }
 
 
