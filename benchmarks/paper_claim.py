@@ -1,5 +1,6 @@
 """The paper's claim in miniature (Vermeer, arXiv 2405.16759, issue 8 item 5): greedy growing,
-greedy growing with ``init: inherit`` and training from scratch at equal training FLOPs.
+greedy growing with ``init: inherit`` / ``inherit-denoiser`` and training from scratch at equal
+training FLOPs.
 
 Runs every spec of ``specs/paper`` for every seed through ``vermeer run`` (a subprocess each,
 timed), then reads each run's ``eval/stage{k}.json`` and ``metrics.jsonl`` and writes
@@ -11,9 +12,9 @@ timed), then reads each run's ``eval/stage{k}.json`` and ``metrics.jsonl`` and w
 * ``alignment_vs_flops.png``: alignment at the end of every stage against the training
   FLOPs spent so far (``vermeer plan``'s estimate).
 
-Full study (3 seeds x 3 schedules, ~30 min on 2 CPU cores)::
+Full study (3 seeds x 4 schedules, two runs at a time: ~30 min on 2 CPU cores)::
 
-    python benchmarks/paper_claim.py --seeds 0 1 2 --out runs/paper
+    python benchmarks/paper_claim.py --seeds 0 1 2 --jobs 2 --out runs/paper
 
 ``--quick`` scales every phase's steps by 0.1 (``--step-scale`` to choose) and evaluates 16
 prompts with 8 sampling steps: a pipeline check, not a result. An existing finished run (its ``wall_s.txt`` present) is reused, not
@@ -25,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +89,13 @@ def growth_jumps(records: list[dict[str, Any]], window: int = WINDOW) -> list[di
     return out
 
 
-def _run(spec: Path, out: Path, force: bool) -> float | None:
+def _run(spec: Path, out: Path, force: bool, env: dict[str, str] | None = None) -> float | None:
     done = out / "wall_s.txt"
     if done.exists() and not force:
         return float(done.read_text())
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "vermeer_core", "run", str(spec), "--out", str(out),
-                        "--resume", "never", "--device", "cpu"], cwd=ROOT)
+                        "--resume", "never", "--device", "cpu"], cwd=ROOT, env=env)
     if r.returncode != 0:
         print(f"FAILED: {spec} (exit {r.returncode})", file=sys.stderr)
         return None
@@ -198,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="0.1x steps, 16 eval prompts, 8 sampling steps: a pipeline check")
     p.add_argument("--step-scale", type=float, help="scale every phase's steps (overrides --quick's 0.1)")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (each then gets OMP_NUM_THREADS=1; 2 on a 2-core machine)")
     args = p.parse_args(argv)
     scale = args.step_scale or (0.1 if args.quick else 1.0)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    todo = []
     for spec_path in sorted(args.specs.glob("*.yaml")):
         for seed in args.seeds:
             data = yaml.safe_load(spec_path.read_text())
@@ -212,12 +217,18 @@ def main(argv: list[str] | None = None) -> int:
             spec = args.out / "specs" / f"{name}-s{seed}.yaml"
             spec.parent.mkdir(parents=True, exist_ok=True)
             spec.write_text(yaml.safe_dump(data, sort_keys=False))
-            run = args.out / f"{name}-s{seed}"
-            print(f"== {name} seed {seed} -> {run}", flush=True)
-            wall = _run(spec, run, args.force)
-            if wall is None:
-                continue
-            results.append(collect(name, seed, run, spec, wall))
+            todo.append((name, seed, spec, args.out / f"{name}-s{seed}"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+
+    def one(job: tuple[str, int, Path, Path]) -> float | None:
+        name, seed, spec, run = job
+        print(f"== {name} seed {seed} -> {run}", flush=True)
+        return _run(spec, run, args.force, env)
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads wait on subprocesses
+        walls = list(pool.map(one, todo))
+    results = [collect(name, seed, run, spec, wall)
+               for (name, seed, spec, run), wall in zip(todo, walls) if wall is not None]
     if not results:
         print("no run finished", file=sys.stderr)
         return 1

@@ -63,14 +63,15 @@ class GreedyGrowthConfig(_PhasesConfig):
         description="new outer stages: 'fresh' (random, identity ResBlocks, zero head), "
         "'inherit' (start as the previous stage's model output on the 2x down-sampled input, "
         "up-sampled) or 'inherit-denoiser' (start as the previous stage's denoiser, up-sampled, "
-        "plus a Wiener estimate of the within-2x2 detail: samples at step 0 are prev's; needs "
+        "plus a Wiener estimate of the detail within each token: samples at step 0 are prev's; needs "
         "diffusion.conditioning: normalized-logsnr). Growth from the Shallow-UViT stage only; "
         "see vermeer_plugins.inherit",
     )
     detail_std: float = Field(
         0.05, gt=0.0, lt=1.0,
-        description="inherit-denoiser: the assumed std of the images' within-2x2 detail (in [-1, 1] "
-        "pixel units) for the Wiener estimate; the synthetic data's is 0.04 at 64 px",
+        description="inherit-denoiser: the assumed std of the images' detail within a token (pixels "
+        "minus their token-block mean, in [-1, 1] units) for the Wiener estimate; the synthetic "
+        "data's is 0.066 (one object) to 0.082 (two) at 64 px",
     )
 
     @model_serializer(mode="wrap")

@@ -1,4 +1,4 @@
-"""specs/paper: the three schedules of the paper's claim in miniature validate (growth
+"""specs/paper: the four schedules of the paper's claim in miniature validate (growth
 checked on meta models, as ``vermeer validate`` does) and plan equal training FLOPs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from vermeer_core.preflight import check_growth
 from vermeer_core.spec import load_spec
 
 PAPER = Path(__file__).resolve().parents[1] / "specs" / "paper"
-NAMES = ("greedy", "greedy_inherit", "from_scratch")
+NAMES = ("greedy", "greedy_inherit", "greedy_denoiser", "from_scratch")
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +27,16 @@ def specs():
     return out
 
 
-def test_the_three_schedules_are_shipped_and_comparable(specs) -> None:
+def test_the_four_schedules_are_shipped_and_comparable(specs) -> None:
     assert {p.stem for p in PAPER.glob("*.yaml")} == set(NAMES)
-    g, gi, fs = (specs[n] for n in NAMES)
+    g, gi, gd, fs = (specs[n] for n in NAMES)
     assert [s.resolution for s in g.stages] == [s.resolution for s in gi.stages] == [32, 64]
+    assert [s.resolution for s in gd.stages] == [32, 64]
     assert [s.resolution for s in fs.stages] == [64]
-    assert g.stages[1].growth.init == "fresh" and gi.stages[1].growth.init == "inherit"
+    assert [x.stages[1].growth.init for x in (g, gi, gd)] == ["fresh", "inherit", "inherit-denoiser"]
     assert fs.stages[0].growth.type == "from-scratch"
     # same model sizes, data, optimiser and evaluation: only the schedule differs
-    for other in (gi, fs):
+    for other in (gi, gd, fs):
         assert other.model == g.model and other.data == g.data and other.optim == g.optim
         assert other.eval == g.eval and other.diffusion == g.diffusion
     assert g.data.type == "synthetic" and g.eval is not None
