@@ -57,6 +57,8 @@ def test_at_alpha_0_the_grown_model_is_the_previous_one_upsampled():
         grown = model(x, logsnr, captions)
         before = F.interpolate(prev(F.avg_pool2d(x, 2), logsnr, captions), scale_factor=2, mode="nearest")
         assert before.abs().mean() > 1e-2  # not trivially zero
-        torch.testing.assert_close(grown, before, rtol=0, atol=1e-6)
+        # float error only: prev runs its convolutions channels-last on CPU and this model's
+        # fade path does not, and the kernels round differently (up to ~1e-6 on some CPUs)
+        torch.testing.assert_close(grown, before, rtol=1e-5, atol=1e-5)
         model.fade_alpha.fill_(1.0)  # the new path only: differs
         assert not torch.allclose(model(x, logsnr, captions), before, atol=1e-3)
