@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from engine_spec import BASE, STAGE0_END, run_main, write_spec
 
 from vermeer_core.cli import main
-from vermeer_core.diffusion import alpha_sigma, logsnr_grid
+from vermeer_core.diffusion import alpha_sigma, sample
 
 from vermeer_core.inference import load_checkpoint
 from vermeer_core.model import VermeerModel, build_stage_model, conditioning_offset
@@ -192,23 +192,14 @@ def test_inherit_denoiser_samples_carry_no_within_token_noise(runs: dict[str, Pa
     the initial noise in the image (its v has none, so each deterministic step keeps it);
     the step-0 ``inherit-denoiser`` model's samples are as smooth within a token as prev's."""
     reg = get_registry()
+    spec = parse_spec(_spec("inherit", conditioning="normalized-logsnr"), reg)
+    schedule = reg.build(spec.diffusion.schedule, "noise_schedule")
+    ddim = reg.build(reg.parse("sampler", {"type": "ddim"}), "sampler")  # deterministic, first order
     detail = {}
     for name in ("inherit-normalized", "inherit-denoiser"):
         _, grown = _stage_models(runs[name])
-        spec = parse_spec(_spec("inherit-denoiser" if name == "inherit-denoiser" else "inherit",
-                                conditioning="normalized-logsnr"), reg)
-        schedule = reg.build(spec.diffusion.schedule, "noise_schedule")
-        logsnrs = logsnr_grid(schedule, grown.resolution, 16)
-        text = grown.encode_text(["a large red circle"] * 2)
-        alpha = lambda lam: torch.sigmoid(lam).sqrt()  # noqa: E731
-        x = torch.randn(2, 3, grown.resolution, grown.resolution, generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            for lt, ls in zip(logsnrs[:-1], logsnrs[1:]):  # DDIM (deterministic, first order)
-                lam = torch.full((2,), float(lt))
-                a, sg = alpha(lam)[:, None, None, None], alpha(-lam)[:, None, None, None]
-                v = grown(x, lam, text)
-                x0, eps = a * x - sg * v, sg * x + a * v
-                x = alpha(ls) * x0 + alpha(-ls) * eps
+        x = sample(grown, ["a large red circle"] * 2, schedule=schedule, sampler=ddim, resolution=grown.resolution,
+                   steps=16, guidance=1.0, prediction="v", generator=torch.Generator().manual_seed(3), device="cpu")
         block = grown.resolution // grown.grid
         detail[name] = float((x - F.interpolate(F.avg_pool2d(x, block), scale_factor=block)).std())
     assert detail["inherit-normalized"] > 0.3, detail  # most of the initial noise survives
