@@ -12,6 +12,10 @@ mismatched captions):
   how much the caption is used).
 * ``run RUN_DIR [--n 64]``: the same scores for every committed checkpoint of a ``vermeer run``
   (keep them with ``--set train.keep_checkpoints=10``; stage ends are always checkpointed).
+* ``words CKPT [--n 128]``: which caption words the denoiser uses. For one-object scenes, the
+  x0 MSE on object pixels at fixed log-SNRs with the true caption and with its shape, colour
+  or size word swapped for another of its kind (one fixed noise draw). A word the model has
+  learned raises the error when swapped.
 
 Images below 64 px are nearest-upsampled to 64 px before scoring (the checker is reliable from
 64 px). A study on 2 shared CPU cores: ``--threads 1`` per process, several in parallel.
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from vermeer_core.checkpoint import Checkpointer
-from vermeer_core.diffusion import LossWeight, TSampling, alpha_sigma, diffusion_loss, sample, target
+from vermeer_core.diffusion import LossWeight, TSampling, alpha_sigma, diffusion_loss, sample, target, to_x0
 from vermeer_core.ema import EMA
 from vermeer_core.inference import load_checkpoint
 from vermeer_core.model import apply_phase, build_stage_model, stage_phases
@@ -168,6 +172,48 @@ def run(a):
         print(json.dumps(rec), flush=True)
 
 
+WORDS_SEED = 4321
+
+
+@torch.no_grad()
+def words(a):
+    """The x0 MSE on object pixels with the true caption and one word swapped (see the module
+    docstring); one-object scenes only (``data.max_objects: 1``)."""
+    import dataclasses
+    import random
+
+    reg = get_registry()
+    spec, model, _ = load_checkpoint(a.checkpoint, reg)
+    model.eval()
+    res = model.resolution
+    scenes = [syn.scene(WORDS_SEED, i, spec.data) for i in range(a.n)]
+    if any(len(s.items) != 1 for s in scenes):
+        raise SystemExit("words: needs one object per scene (data.max_objects: 1)")
+    x0 = torch.stack([torch.from_numpy(syn.render(s, res)) for s in scenes])
+    # object pixels: those that differ from the (plain) background in the top-left corner
+    obj = ((x0 - x0[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.3).float()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    rng = random.Random(0)
+    others = {"shape": list(syn.SHAPES), "colour": list(syn.COLOURS), "size": ["small", "large"]}
+
+    def caption(s, kind):
+        if kind == "true":
+            return syn.caption(s)
+        it = s.items[0]
+        new = rng.choice([w for w in others[kind] if w != getattr(it, kind)])
+        return syn.caption(dataclasses.replace(s, items=(dataclasses.replace(it, **{kind: new}),)))
+
+    for lam in a.logsnr:
+        al, si = alpha_sigma(torch.tensor(float(lam)))
+        xt = al * x0 + si * eps
+        row = {"logsnr": lam}
+        for kind in ("true", "shape", "colour", "size"):
+            v = model(xt, torch.full((a.n,), float(lam)), [caption(s, kind) for s in scenes])
+            err = (to_x0(v.float(), xt, al, si, spec.diffusion.prediction) - x0) ** 2
+            row[kind] = round(float((err * obj).sum() / (obj.sum() * 3)), 5)
+        print(json.dumps(row), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -181,6 +227,11 @@ def main():
     r = sub.add_parser("run")
     r.add_argument("run_dir")
     r.add_argument("--only", nargs="+", help="checkpoint names to score (e.g. step-00000500); default all")
+    w = sub.add_parser("words")
+    w.add_argument("checkpoint", help="a checkpoint directory or run directory (its newest checkpoint)")
+    w.add_argument("--n", type=int, default=128, help="held-out one-object scenes")
+    w.add_argument("--logsnr", type=float, nargs="+", default=[-4.0, -2.0, 0.0, 2.0, 4.0])
+    w.add_argument("--threads", type=int, default=1)
     for p in (c, r):
         p.add_argument("--grid", help="PNG prefix for sample grids (first 36 prompts)")
         p.add_argument("--n", type=int, default=64, help="held-out prompts")
@@ -189,7 +240,7 @@ def main():
         p.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    core(a) if a.mode == "core" else run(a)
+    {"core": core, "run": run, "words": words}[a.mode](a)
 
 
 if __name__ == "__main__":
