@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--smoke", action="store_true",
                    help="every stage and phase for 2 steps with tiny widths (checks a schedule end to end on CPU)")
+    p.add_argument("--from", dest="branch_from", metavar="CKPT",
+                   help="start from another run's checkpoint (or run dir: its newest): the spec must equal that "
+                        "run's up to the checkpoint's stage; later stages may differ (a new run in --out)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when plan's per-rank peak exceeds the memory this machine offers")
     p.set_defaults(func=_cmd_run)
@@ -194,6 +197,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         spec = smoke_spec(spec, plugins.registry, world_size=max(1, args.nproc_per_node))
     out = args.out or join("runs", spec.name)
+    branch = None
+    if args.branch_from:
+        from vermeer_core.branch import branch_point
+
+        if args.smoke:
+            raise SpecError("command line", [("--from", "--smoke changes the widths, so it cannot start from a checkpoint")])
+        branch = branch_point(args.branch_from, spec, verify=spec.train.verify_checkpoints)  # nothing written yet
     if not args.no_memory_check and "RANK" not in os.environ:  # once, in the launching process
         from vermeer_core.memcheck import check_fits
 
@@ -206,6 +216,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             cleaned.append("--smoke")
         if args.no_size_check:
             cleaned.append("--no-size-check")
+        if branch is not None:
+            cleaned += ["--from", branch.url]
         for item in args.overrides:
             cleaned += ["--set", item]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -216,7 +228,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     d = init_distributed(device=args.device, replicate=spec.train.replicate)
     try:
-        Engine(spec, plugins, out, d, resume=args.resume).run()
+        Engine(spec, plugins, out, d, resume=args.resume, branch=branch).run()
     finally:
         shutdown()
     if d.rank == 0:

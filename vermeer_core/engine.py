@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from vermeer_core.branch import Branch, copy_history
 from vermeer_core.checkpoint import META_KEYS, Checkpointer
 from vermeer_core.diffusion import LossWeight, TSampling
 from vermeer_core.distributed import DistInfo, default_fsdp_settings, parallelize, reshard_all
@@ -61,8 +62,12 @@ class _Carry:
 
 
 class Engine:
-    def __init__(self, spec: RunSpec, plugins: Plugins, out: str, dist_info: DistInfo, *, resume: str = "auto") -> None:
+    def __init__(
+        self, spec: RunSpec, plugins: Plugins, out: str, dist_info: DistInfo, *, resume: str = "auto",
+        branch: Branch | None = None,
+    ) -> None:
         self.spec = spec
+        self.branch = branch  # --from: where a run without checkpoints of its own starts
         self.plugins = plugins
         self.registry = plugins.registry
         self.out = out
@@ -286,6 +291,12 @@ class Engine:
             raise RunError(
                 f"{self.out} already holds checkpoints; use --resume auto to continue it, or another --out"
             )
+        branching = resume_from is None and self.branch is not None
+        if branching:
+            assert self.branch is not None
+            resume_from = self.branch.url, self.branch.meta
+        elif resume_from is not None and self.branch is not None:
+            self._say(f"{self.out} holds checkpoints of its own: resuming from them (--from is used only to start)")
         self._check_lease()  # still ours before the first write
         if self.rank0:
             atomic_write_text(join(self.out, "spec.lock.yaml"), dump_spec(spec))
@@ -294,7 +305,12 @@ class Engine:
         if resume_from is not None:
             url, meta = resume_from
             start = locate(self.slots, meta["stage"], meta["phase"], meta["step_in_phase"])
-            self._say(f"resuming from step {start} (stage {meta['stage']}, phase {meta['phase_name']}) of {url}")
+            verb = "branching" if branching else "resuming"
+            self._say(f"{verb} from step {start} (stage {meta['stage']}, phase {meta['phase_name']}) of {url}")
+        if branching and self.rank0:
+            assert self.branch is not None
+            copied = copy_history(self.branch, self.out, self.slots, start, spec)
+            self._say(f"copied the parent's history up to step {start}: {', '.join(copied) or 'nothing'}")
         if self.rank0:
             trim_metrics(join(self.out, "metrics.jsonl"), start)
         self.metrics = MetricsLog(join(self.out, "metrics.jsonl") if self.rank0 else None, self.total, start, self.rank0)

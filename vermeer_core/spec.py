@@ -582,8 +582,10 @@ def dump_spec(spec: BaseModel) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
-def spec_hash(spec: BaseModel) -> str:
-    canon = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def spec_hash(spec: BaseModel | dict[str, Any]) -> str:
+    """A short digest of a resolved spec (or of its ``model_dump(mode="json")``: the same digest)."""
+    data = spec if isinstance(spec, dict) else spec.model_dump(mode="json")
+    canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
