@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_spec import BASE, TOTAL_STEPS, consolidate, read_metrics, reference_run, write_spec
+from engine_spec import BASE, STAGE0_END, TOTAL_STEPS, consolidate, read_metrics, reference_run, write_spec
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -107,6 +107,25 @@ def test_training_continues_at_world_size_1_from_a_world_size_2_checkpoint(
         assert [r["step"] for r in records][-2:] == [13, 14]
         losses.append([r["loss"] for r in records[-2:]])
     assert losses[1] == pytest.approx(losses[0], rel=RTOL)
+
+
+def test_a_world_size_2_branch_from_a_world_size_1_checkpoint(
+    runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``--from`` through torchrun: 2 ranks start stage 1 from the world-size-1 reference's
+    stage-0 checkpoint (resharded) and log its losses within the world-size tolerance."""
+    ref, _ = runs
+    spec = write_spec(tmp_path / "s.yaml")
+    out = tmp_path / "branch"
+    src = ref / "checkpoints" / f"step-{STAGE0_END:08d}"
+    assert main(["run", str(spec), "--from", str(src), "--out", str(out), "--nproc-per-node", "2"]) == 0
+    mine, theirs = read_metrics(out), read_metrics(ref)
+    assert [r["step"] for r in mine] == [r["step"] for r in theirs]
+    for a, b in zip(theirs, mine):
+        if a["step"] <= STAGE0_END:
+            assert b == a  # copied
+        else:
+            assert b["loss"] == pytest.approx(a["loss"], rel=RTOL), a["step"]
 
 
 def test_hybrid_sharding_replicates_across_groups(runs: tuple[Path, Path], tmp_path: Path) -> None:
