@@ -6,7 +6,8 @@
   listed (gcsfs caches listings);
 * transient 503s are retried (a fault-injecting proxy proves they happened), while 403 and 404
   fail at once with a message naming the ``gs://`` URL, not a traceback;
-* training reads webdataset shards written to ``gs://`` by ``vermeer data synth``.
+* training reads webdataset shards written to ``gs://`` by ``vermeer data synth``;
+* ``vermeer run --from gs://...`` branches a run stored on gs://.
 """
 
 from __future__ import annotations
@@ -96,6 +97,24 @@ def test_run_killed_mid_save_resumes_from_gcs_exactly(gcs: GCS, tmp_path_factory
         assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert all(torch.equal(v, b["optim"][k][s]) for k, st in a["optim"].items() for s, v in st.items())
     assert fs.cat(f"{gcs.bucket}/run/samples/stage1-16px.png") == (reference / "samples/stage1-16px.png").read_bytes()
+
+
+def test_a_branch_from_a_run_on_gcs(gcs: GCS, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """``vermeer run --from gs://...``: the parent run (the local reference, uploaded) is read on
+    gs://, the branch writes to gs:// too, and it reproduces the parent's stage 1 exactly."""
+    reference = reference_run(tmp_path_factory)
+    fs = gcs.fs()
+    fs.put(str(reference), f"{gcs.bucket}/parent", recursive=True)
+    spec = write_spec(tmp_path / "spec.yaml", spec_data(checkpoint_every=6))
+    r = run_cli(["run", str(spec), "--from", gcs.url("parent/checkpoints/step-00000006"), "--out", gcs.url("branch")])
+    assert r.returncode == 0, r.stderr
+    assert "branching from step 6 (stage 0" in r.stderr
+    mine = _gs_metrics(gcs, f"{gcs.bucket}/branch")
+    assert mine[:6] == read_metrics(reference)[:6]  # the parent's rows, copied
+    assert {x["step"]: x["loss"] for x in mine} == {x["step"]: x["loss"] for x in read_metrics(reference)}
+    record = json.loads(fs.cat(f"{gcs.bucket}/branch/branch.json"))
+    assert record["from"] == gcs.url("parent/checkpoints/step-00000006") and "samples/stage0-8px.png" in record["copied"]
+    assert fs.cat(f"{gcs.bucket}/branch/samples/stage0-8px.png") == (reference / "samples/stage0-8px.png").read_bytes()
 
 
 def test_metrics_on_gcs_survive_a_kill_and_a_resume(gcs: GCS) -> None:
