@@ -109,3 +109,12 @@ def test_a_branch_from_nothing_says_so(tmp_path, capsys):
     r = run_main(["run", str(spec), "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "out")], capsys)
     assert r.returncode == 1 and "no such checkpoint or run directory" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep_ends", [False, True])
+def test_keep_stage_ends_keeps_the_branch_points(tmp_path, keep_ends):
+    from vermeer_core.testing import run_spec
+
+    data = spec_data(checkpoint_every=2, keep_checkpoints=2, keep_stage_ends=keep_ends)
+    result = run_spec(data, tmp_path / "run")
+    assert result.checkpoints == ([STAGE0_END, 10, TOTAL_STEPS] if keep_ends else [10, TOTAL_STEPS])

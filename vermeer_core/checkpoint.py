@@ -8,7 +8,8 @@ Layout under ``<run>/checkpoints/``::
                         the marker exists, and readers verify the marker anyway)
 
 A directory without ``COMMITTED`` is debris from a crash and is never loaded; it is removed
-by the next successful save. The last ``keep`` committed checkpoints are retained; pruning
+by the next successful save. The last ``keep`` committed checkpoints are retained (and any
+whose step is ``pinned``: the engine pins stage ends with ``train.keep_stage_ends``); pruning
 deletes a checkpoint's marker before its files, so a half-pruned one is debris too.
 
 ``COMMITTED`` records the size and digest (:data:`vermeer_core.trust.ALGORITHM`) of every
@@ -65,11 +66,13 @@ def _fault(point: str, step: int) -> None:
 
 class Checkpointer:
     def __init__(
-        self, run_url: str, *, keep: int = 2, rank: int = 0, world_size: int = 1, meta_keys: tuple[str, ...] = ()
+        self, run_url: str, *, keep: int = 2, rank: int = 0, world_size: int = 1, meta_keys: tuple[str, ...] = (),
+        pinned: frozenset[int] = frozenset(),
     ) -> None:
         self.root = join(run_url, "checkpoints")
         self.meta_keys = meta_keys  # meta.json entries a checkpoint must have to be usable
         self.keep = keep
+        self.pinned = pinned  # steps whose committed checkpoints pruning keeps besides the newest `keep`
         self.rank = rank
         self.world_size = world_size
         self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
@@ -144,7 +147,7 @@ class Checkpointer:
     def _remove_old(self, newest: int) -> None:
         steps = self._list_steps()
         committed = [(s, n) for s, n in steps if self._committed(n)]
-        keep = {n for _, n in committed[-self.keep :]}
+        keep = {n for _, n in committed[-self.keep :]} | {n for s, n in committed if s in self.pinned}
         for s, n in steps:
             if n not in keep and s != newest:  # older committed ones and crash debris
                 self._uncommit(n)  # a kill from here on leaves debris, not a committed-looking shell

@@ -76,8 +76,10 @@ class Engine:
         self.rank0 = dist_info.rank == 0
         self.slots = step_table(spec, self.registry)
         self.total = self.slots[-1].end
+        ends = {max(s.end for s in self.slots if s.stage == k) for k in range(len(spec.stages))}
         self.ckpt = Checkpointer(out, keep=spec.train.keep_checkpoints, rank=dist_info.rank,
-                                 world_size=dist_info.world_size, meta_keys=META_KEYS)
+                                 world_size=dist_info.world_size, meta_keys=META_KEYS,
+                                 pinned=frozenset(ends) if spec.train.keep_stage_ends else frozenset())
         self.bf16 = spec.train.precision == "bf16"
         self.schedule = self.registry.build(spec.diffusion.schedule, "noise_schedule")
         self.sampler = self.registry.build(spec.sampling.sampler, "sampler")

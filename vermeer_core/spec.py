@@ -195,7 +195,10 @@ class TrainSpec(_Strict):
         "only then, so a stop can come up to log_every-1 steps late)",
     )
     checkpoint_every: int = Field(500, gt=0)
-    keep_checkpoints: int = Field(2, ge=2)
+    keep_checkpoints: int = Field(2, ge=2, description="the newest committed checkpoints kept; older ones are removed")
+    keep_stage_ends: bool = Field(
+        False, description="also keep every stage's final checkpoint (the branch points of `vermeer run --from`)"
+    )
     verify_checkpoints: bool = Field(
         True, description="on resume, check every checkpoint file against the digest its commit marker records "
         "(off: sizes and metadata only, faster for very large checkpoints)",
@@ -596,6 +599,7 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.keep_stage_ends",
     "train.verify_checkpoints",
     "train.max_bad_steps",
     "train.max_skipped_fraction",
