@@ -52,6 +52,8 @@ def test_a_branch_with_the_parents_spec_reproduces_its_later_stage(reference, tm
         assert a[part] and a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+    v = run_main(["validate", str(spec), "--from", _stage_end(reference)], capsys)
+    assert v.returncode == 0 and f"can start from {_stage_end(reference)} (stage 0, phase core, step 6)" in v.stdout
     record = json.loads((out / "branch.json").read_text())
     assert record["from"] == _stage_end(reference) and record["stage"] == 0 and record["step"] == STAGE0_END
     assert "metrics.jsonl" in record["copied"] and "samples/stage0-8px.png" in record["copied"]
@@ -102,6 +104,8 @@ def test_a_branch_that_changes_what_came_before_is_refused(reference, tmp_path, 
     assert r.returncode == 2, r.stderr
     assert named in r.stderr and "may change only later stages" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+    v = run_main(["validate", str(spec), "--from", src], capsys)  # the same check, without running
+    assert v.returncode == 2 and named in v.stderr
 
 
 def test_a_branch_from_nothing_says_so(tmp_path, capsys):

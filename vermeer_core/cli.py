@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vermeer_core.errors import VermeerError
 from vermeer_core.plugins import PluginError, get_plugins
@@ -32,6 +33,19 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_from_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--from", dest="branch_from", metavar="CKPT", help=help)
+
+
+def _branch(args: argparse.Namespace, spec: RunSpec) -> Any:
+    """The verified branch point of ``--from`` (None without it); reads only."""
+    if not args.branch_from:
+        return None
+    from vermeer_core.branch import branch_point
+
+    return branch_point(args.branch_from, spec, verify=spec.train.verify_checkpoints)
+
+
 def _load_checked(args: argparse.Namespace, registry: Registry) -> RunSpec:
     """The spec, validated, with its growth schedule (transfers, phases) resolved on meta
     models: any problem is a :class:`SpecError` (exit 2) before anything is written."""
@@ -49,6 +63,10 @@ def _load_checked(args: argparse.Namespace, registry: Registry) -> RunSpec:
 def _cmd_validate(args: argparse.Namespace) -> int:
     spec = _load_checked(args, get_plugins().registry)
     print(f"{args.spec}: valid ({len(spec.stages)} stages: " + " -> ".join(str(s.resolution) for s in spec.stages) + ")")
+    branch = _branch(args, spec)
+    if branch is not None:
+        m = branch.meta
+        print(f"can start from {branch.url} (stage {m['stage']}, phase {m['phase_name']}, step {m['step']})")
     return 0
 
 
@@ -109,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a spec and exit (0 = valid, 2 = invalid)")
     _add_spec_args(p)
+    _add_from_arg(p, "also check that the spec can start from this checkpoint (as `vermeer run --from` does)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("plan", help="per stage and phase: resolution, parameters, GFLOP/img, memory")
@@ -135,9 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--smoke", action="store_true",
                    help="every stage and phase for 2 steps with tiny widths (checks a schedule end to end on CPU)")
-    p.add_argument("--from", dest="branch_from", metavar="CKPT",
-                   help="start from another run's checkpoint (or run dir: its newest): the spec must equal that "
-                        "run's up to the checkpoint's stage; later stages may differ (a new run in --out)")
+    _add_from_arg(p, "start from another run's checkpoint (or run dir: its newest): the spec must equal that "
+                     "run's up to the checkpoint's stage; later stages may differ (a new run in --out)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when plan's per-rank peak exceeds the memory this machine offers")
     p.set_defaults(func=_cmd_run)
@@ -197,13 +215,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         spec = smoke_spec(spec, plugins.registry, world_size=max(1, args.nproc_per_node))
     out = args.out or join("runs", spec.name)
-    branch = None
-    if args.branch_from:
-        from vermeer_core.branch import branch_point
-
-        if args.smoke:
-            raise SpecError("command line", [("--from", "--smoke changes the widths, so it cannot start from a checkpoint")])
-        branch = branch_point(args.branch_from, spec, verify=spec.train.verify_checkpoints)  # nothing written yet
+    if args.branch_from and args.smoke:
+        raise SpecError("command line", [("--from", "--smoke changes the widths, so it cannot start from a checkpoint")])
+    branch = _branch(args, spec)  # nothing written yet
     if not args.no_memory_check and "RANK" not in os.environ:  # once, in the launching process
         from vermeer_core.memcheck import check_fits
 
