@@ -24,7 +24,7 @@ import fsspec
 
 from vermeer_core.checkpoint import META_KEYS, Checkpointer
 from vermeer_core.io import atomic_write_bytes, atomic_write_text, join
-from vermeer_core.schedule_table import Slot
+from vermeer_core.schedule_table import Slot, stage_ends
 from vermeer_core.spec import RunSpec, SpecError, spec_changes, spec_hash
 
 __all__ = ["BRANCH_FILE", "Branch", "branch_point", "copy_history", "spec_prefix"]
@@ -85,36 +85,20 @@ def branch_point(url: str, spec: RunSpec, *, verify: bool = True) -> Branch:
 
 def copy_history(branch: Branch, out: str, slots: list[Slot], start: int, spec: RunSpec) -> list[str]:
     """Rank 0, before the branch's first write: ``branch.json``, the parent's ``metrics.jsonl``
-    rows up to ``start`` and the eval/sample files of the stages that end by ``start``. Missing
-    parent files are skipped (a parent without ``eval:`` has none). Returns what was copied."""
-    parent = branch.parent_run
-    copied: list[str] = []
-    fs, _ = fsspec.core.url_to_fs(parent)
-    src = join(parent, "metrics.jsonl")
-    if fs.exists(fsspec.core.url_to_fs(src)[1]):
-        with fsspec.open(src, "r") as f:
-            rows = []
-            for line in f.read().splitlines():
-                try:
-                    if json.loads(line)["step"] <= start:
-                        rows.append(line)
-                except (ValueError, KeyError, TypeError):
-                    pass  # a torn line
-        atomic_write_text(join(out, "metrics.jsonl"), "".join(r + "\n" for r in rows))
-        copied.append("metrics.jsonl")
-    for stage in sorted({s.stage for s in slots}):
-        end = max(s.end for s in slots if s.stage == stage)
-        if end > start:
-            continue
-        res = spec.stages[stage].resolution
-        names = [f"eval/stage{stage}.{ext}" for ext in ("json", "png", "txt")]
-        names += [f"samples/stage{stage}-{res}px.{ext}" for ext in ("png", "txt")]
-        for name in names:
-            path = fsspec.core.url_to_fs(join(parent, name))[1]
-            if fs.exists(path):
-                with fsspec.open(join(parent, name), "rb") as f:
-                    atomic_write_bytes(join(out, name), f.read())
-                copied.append(name)
+    (the engine then trims it to ``start``, as on any resume) and the eval/sample files of the
+    stages that end by ``start``. Missing parent files are skipped (a parent without ``eval:``
+    has none). Returns what was copied."""
+    fs, root = fsspec.core.url_to_fs(branch.parent_run)
+    root = root.rstrip("/")
+    names = ["metrics.jsonl"]
+    for stage, end in stage_ends(slots).items():
+        if end <= start:
+            res = spec.stages[stage].resolution
+            names += [f"eval/stage{stage}.{ext}" for ext in ("json", "png", "txt")]
+            names += [f"samples/stage{stage}-{res}px.{ext}" for ext in ("png", "txt")]
+    copied = [name for name in names if fs.exists(f"{root}/{name}")]
+    for name in copied:
+        atomic_write_bytes(join(out, name), fs.cat_file(f"{root}/{name}"))
     record = {"from": branch.url, "stage": int(branch.meta["stage"]), "step": start,
               "parent_spec_hash": spec_hash(branch.meta["spec"]), "copied": copied}
     atomic_write_text(join(out, BRANCH_FILE), json.dumps(record, indent=2) + "\n")

@@ -7,12 +7,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vermeer_core.errors import VermeerError
 from vermeer_core.plugins import PluginError, get_plugins
 from vermeer_core.registry import Registry
 from vermeer_core.spec import RunSpec, SpecError, load_spec, spec_model
+
+if TYPE_CHECKING:
+    from vermeer_core.branch import Branch
 
 __all__ = ["main", "build_parser"]
 
@@ -37,7 +40,7 @@ def _add_from_arg(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--from", dest="branch_from", metavar="CKPT", help=help)
 
 
-def _branch(args: argparse.Namespace, spec: RunSpec) -> Any:
+def _branch(args: argparse.Namespace, spec: RunSpec) -> Branch | None:
     """The verified branch point of ``--from`` (None without it); reads only."""
     if not args.branch_from:
         return None

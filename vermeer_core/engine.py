@@ -37,7 +37,7 @@ from vermeer_core.model import (
 from vermeer_core.optim import OptimState, build_optimizer, lr_factor, park_state, state_skeleton
 from vermeer_core.phases import PhaseError
 from vermeer_core.plugins import Plugins
-from vermeer_core.schedule_table import Slot, locate, step_table
+from vermeer_core.schedule_table import Slot, locate, stage_ends, step_table
 from vermeer_core.spec import RESUMABLE_CHANGES, RunSpec, dump_spec, spec_changes, spec_hash
 from vermeer_core.step import StepResult, TrainStep, make_loss_fn
 from vermeer_core.transfer import Transfer, TransferError, check_result
@@ -76,10 +76,9 @@ class Engine:
         self.rank0 = dist_info.rank == 0
         self.slots = step_table(spec, self.registry)
         self.total = self.slots[-1].end
-        ends = {max(s.end for s in self.slots if s.stage == k) for k in range(len(spec.stages))}
+        pinned = frozenset(stage_ends(self.slots).values()) if spec.train.keep_stage_ends else frozenset()
         self.ckpt = Checkpointer(out, keep=spec.train.keep_checkpoints, rank=dist_info.rank,
-                                 world_size=dist_info.world_size, meta_keys=META_KEYS,
-                                 pinned=frozenset(ends) if spec.train.keep_stage_ends else frozenset())
+                                 world_size=dist_info.world_size, meta_keys=META_KEYS, pinned=pinned)
         self.bf16 = spec.train.precision == "bf16"
         self.schedule = self.registry.build(spec.diffusion.schedule, "noise_schedule")
         self.sampler = self.registry.build(spec.sampling.sampler, "sampler")
@@ -293,11 +292,10 @@ class Engine:
             raise RunError(
                 f"{self.out} already holds checkpoints; use --resume auto to continue it, or another --out"
             )
-        branching = resume_from is None and self.branch is not None
-        if branching:
-            assert self.branch is not None
-            resume_from = self.branch.url, self.branch.meta
-        elif resume_from is not None and self.branch is not None:
+        branch = self.branch if resume_from is None else None  # --from starts a run, never resumes one
+        if branch is not None:
+            resume_from = branch.url, branch.meta
+        elif self.branch is not None:
             self._say(f"{self.out} holds checkpoints of its own: resuming from them (--from is used only to start)")
         self._check_lease()  # still ours before the first write
         if self.rank0:
@@ -307,11 +305,10 @@ class Engine:
         if resume_from is not None:
             url, meta = resume_from
             start = locate(self.slots, meta["stage"], meta["phase"], meta["step_in_phase"])
-            verb = "branching" if branching else "resuming"
+            verb = "resuming" if branch is None else "branching"
             self._say(f"{verb} from step {start} (stage {meta['stage']}, phase {meta['phase_name']}) of {url}")
-        if branching and self.rank0:
-            assert self.branch is not None
-            copied = copy_history(self.branch, self.out, self.slots, start, spec)
+        if branch is not None and self.rank0:
+            copied = copy_history(branch, self.out, self.slots, start, spec)
             self._say(f"copied the parent's history up to step {start}: {', '.join(copied) or 'nothing'}")
         if self.rank0:
             trim_metrics(join(self.out, "metrics.jsonl"), start)

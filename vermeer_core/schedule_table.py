@@ -10,7 +10,7 @@ from vermeer_core.model import stage_phases
 from vermeer_core.registry import Registry
 from vermeer_core.spec import RunSpec
 
-__all__ = ["Slot", "step_table", "locate"]
+__all__ = ["Slot", "step_table", "stage_ends", "locate"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,11 @@ def step_table(spec: RunSpec, registry: Registry) -> list[Slot]:
             slots.append(Slot(k, i, phase, step, step + phase.steps))
             step += phase.steps
     return slots
+
+
+def stage_ends(slots: list[Slot]) -> dict[int, int]:
+    """The global step at which each stage ends (its last phase's end), by stage."""
+    return {s.stage: s.end for s in slots}  # slots are in order: a stage's last one wins
 
 
 def locate(slots: list[Slot], stage: int, phase_index: int, step_in_phase: int) -> int:
