@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import compare  # noqa: E402
 from stepcase import engine_step, private_copy, quickstart_spec, stage_models  # noqa: E402
-from vermeer_core.distributed import init_distributed, shutdown  # noqa: E402
+from vermeer_core.distributed import end_process, init_distributed, shutdown  # noqa: E402
 
 BATCH = {32: 8, 64: 4, 128: 2, 256: 1}
 
@@ -125,3 +125,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from vermeer_core.distributed import init_distributed, parallelize, shutdown
+from vermeer_core.distributed import end_process, init_distributed, parallelize, shutdown
 from vermeer_core.ema import EMA
 from vermeer_core.model import apply_phase, build_stage_model, stage_phases
 from vermeer_core.optim import build_optimizer
@@ -137,4 +137,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    end_process(0)

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from vermeer_core.distributed import init_distributed, shutdown
+from vermeer_core.distributed import end_process, init_distributed, shutdown
 from vermeer_core.engine import Engine
 from vermeer_core.plugins import get_plugins
 from vermeer_core.spec import parse_spec
@@ -100,3 +100,4 @@ def main(out: str, width: int, depth: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    end_process(0)

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from vermeer_core.distributed import init_distributed, shutdown
+from vermeer_core.distributed import end_process, init_distributed, shutdown
 from vermeer_core.engine import Engine
 from vermeer_core.evaluation import eval_source, generate_eval
 from vermeer_core.plugins import get_plugins
@@ -46,3 +46,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process(0)

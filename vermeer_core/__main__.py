@@ -1,3 +1,3 @@
-from vermeer_core.cli import main
+from vermeer_core.cli import entry
 
-raise SystemExit(main())
+entry()

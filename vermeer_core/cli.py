@@ -350,6 +350,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``vermeer`` console script and ``python -m vermeer_core``: :func:`main`, then the end
+    of the process. A process that joined a process group (``vermeer run``, torchrun's workers
+    included) ends through :func:`vermeer_core.distributed.end_process` (why: its docstring)."""
+    code = main()
+    if "vermeer_core.distributed" in sys.modules:
+        from vermeer_core.distributed import end_process
+
+        end_process(code)
+    raise SystemExit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()

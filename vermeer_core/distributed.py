@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -16,7 +18,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DistInfo", "init_distributed", "shutdown", "parallelize", "reshard_all", "default_fsdp_settings"]
+__all__ = ["DistInfo", "init_distributed", "shutdown", "end_process", "parallelize", "reshard_all", "default_fsdp_settings"]
 
 
 @dataclass
@@ -53,6 +55,8 @@ def init_distributed(*, device: str = "auto", replicate: int = 1) -> DistInfo:
             dist.init_process_group(backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    global _joined
+    _joined = True
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % replicate:
         raise ValueError(f"train.replicate={replicate} must divide the world size {world}")
@@ -64,11 +68,44 @@ def init_distributed(*, device: str = "auto", replicate: int = 1) -> DistInfo:
     return DistInfo(rank, world, local_rank, dev, mesh, backend)
 
 
+# Set once this process has joined a process group; :func:`end_process` reads it.
+_joined = False
+
+
 def shutdown() -> None:
+    """Leave the process group: a barrier (every rank has finished its collectives), then
+    ``destroy_process_group``. A process that called this should end with :func:`end_process`."""
     if dist.is_initialized():
-        # Without this barrier a gloo rank occasionally aborts at exit (see shared/ENVIRONMENT.md).
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_process(code: int) -> NoReturn:
+    """End this process with exit status ``code``. A process that joined a process group ends
+    with ``os._exit`` once stdout, stderr and logging are flushed, skipping the interpreter's
+    finalisation; any other process ends with ``SystemExit``.
+
+    Why: ``destroy_process_group`` does not stop gloo's worker threads. The DeviceMesh still
+    holds the group, and torch's DTensor caches hold the mesh. A worker thread may still be
+    releasing the last collective's work when the main thread starts to finalise. The work
+    holds Python-owned tensors, so the release needs the GIL. During finalisation Python ends
+    any thread that asks for the GIL. Here that thread is inside a C++ destructor, so the
+    process aborts: "terminate called without an active exception", SIGABRT, after all its
+    output is written. The backtrace from a core dump:
+    ``ProcessGroupGloo::runLoop`` -> ``~AsyncBarrierWork`` -> ``~AsyncAllgatherWork`` ->
+    ``TensorImpl::decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``.
+    Measured: about 1 launch in 6-50 of ``tests/sample_worker.py`` at world size 2 on 2 busy
+    cores; the barrier in :func:`shutdown` narrows the window but does not close it. The
+    same failure is described in pytorch/pytorch PR #179291."""
+    if not _joined:
+        raise SystemExit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing left to flush
+            pass
+    os._exit(code)
 
 
 def _checkpointed_forward(module: nn.Module) -> None:
