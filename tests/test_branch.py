@@ -122,3 +122,22 @@ def test_keep_stage_ends_keeps_the_branch_points(tmp_path, keep_ends):
     data = spec_data(checkpoint_every=2, keep_checkpoints=2, keep_stage_ends=keep_ends)
     result = run_spec(data, tmp_path / "run")
     assert result.checkpoints == ([STAGE0_END, 10, TOTAL_STEPS] if keep_ends else [10, TOTAL_STEPS])
+
+
+def test_plan_from_a_checkpoint_counts_only_what_the_branch_trains(reference, tmp_path, capsys):
+    data = spec_data(checkpoint_every=6)
+    data["stages"][1]["growth"] = {"type": "greedy", "init": "inherit",
+                                   "phases": [{"name": "A", "steps": 3, "trainable": "new"}]}
+    spec = write_spec(tmp_path / "inherit.yaml", data)
+    full = run_main(["plan", str(spec), "--json"], capsys)
+    branch = run_main(["plan", str(spec), "--json", "--from", _stage_end(reference)], capsys)
+    assert full.returncode == 0 and branch.returncode == 0, full.stderr + branch.stderr
+    whole, rows = json.loads(full.stdout), json.loads(branch.stdout)
+    assert [(r["stage"], r["steps"], r["steps_to_train"]) for r in rows] == [(0, 6, 0), (1, 3, 3)]
+    assert rows[0]["train_tflop"] == 0 and whole[0]["train_tflop"] > 0
+    assert rows[1]["train_tflop"] == whole[1]["train_tflop"] > 0
+    text = run_main(["plan", str(spec), "--from", _stage_end(reference)], capsys)
+    assert f"starting from {_stage_end(reference)}: its 6 steps are not trained again" in text.stdout
+    assert "0 of 6" in text.stdout
+    bad = run_main(["plan", str(spec), "--from", str(tmp_path / "missing")], capsys)
+    assert bad.returncode == 1 and "no such checkpoint or run directory" in bad.stderr

@@ -78,11 +78,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     registry = get_plugins().registry
     spec = _load_checked(args, registry)
-    rows = plan_rows(spec, registry, world_size=args.world_size)
+    branch = _branch(args, spec)
+    start = 0
+    if branch is not None:
+        from vermeer_core.schedule_table import checkpoint_step, step_table
+
+        start = checkpoint_step(step_table(spec, registry), branch.meta)
+    rows = plan_rows(spec, registry, world_size=args.world_size, start=start)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print_plan(spec, rows, world_size=args.world_size)
+        print_plan(spec, rows, world_size=args.world_size, branch=None if branch is None else branch.url)
     return 0
 
 
@@ -137,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--world-size", type=int, default=1, help="report per-rank memory for N ranks (FSDP)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    _add_from_arg(p, "plan a run that starts from this checkpoint (as `run --from`): what it trains and costs")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("plugins", help="list registered components with their distributions")

@@ -37,7 +37,7 @@ from vermeer_core.model import (
 from vermeer_core.optim import OptimState, build_optimizer, lr_factor, park_state, state_skeleton
 from vermeer_core.phases import PhaseError
 from vermeer_core.plugins import Plugins
-from vermeer_core.schedule_table import Slot, locate, stage_ends, step_table
+from vermeer_core.schedule_table import Slot, checkpoint_step, stage_ends, step_table
 from vermeer_core.spec import RESUMABLE_CHANGES, RunSpec, dump_spec, spec_changes, spec_hash
 from vermeer_core.step import StepResult, TrainStep, make_loss_fn
 from vermeer_core.transfer import Transfer, TransferError, check_result
@@ -304,7 +304,7 @@ class Engine:
         url = meta = None
         if resume_from is not None:
             url, meta = resume_from
-            start = locate(self.slots, meta["stage"], meta["phase"], meta["step_in_phase"])
+            start = checkpoint_step(self.slots, meta)
             verb = "resuming" if branch is None else "branching"
             self._say(f"{verb} from step {start} (stage {meta['stage']}, phase {meta['phase_name']}) of {url}")
         if branch is not None and self.rank0:

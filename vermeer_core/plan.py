@@ -113,7 +113,10 @@ def transition_bytes(
     return carried, added
 
 
-def plan_rows(spec: RunSpec, registry: Registry, world_size: int = 1) -> list[dict[str, Any]]:
+def plan_rows(spec: RunSpec, registry: Registry, world_size: int = 1, start: int = 0) -> list[dict[str, Any]]:
+    """One row per stage and phase. ``start`` is the global step a run starts at (a branch's
+    ``--from`` point): ``steps_to_train`` and ``train_tflop`` count only the steps from there
+    on, so a phase the parent already trained costs nothing."""
     rows: list[dict[str, Any]] = []
     slots = step_table(spec, registry)
     model: VermeerModel | None = None
@@ -132,19 +135,21 @@ def plan_rows(spec: RunSpec, registry: Registry, world_size: int = 1) -> list[di
             trainable = sum(p.numel() for n, p in model.named_parameters() if n in trainable_names)
             # fp32 parameters (4 B) for all; fp32 gradient (4 B) + AdamW moments (8 B) for trainable
             state = (4 * total + 12 * trainable) / world_size
+            to_train = max(0, slot.end - max(slot.start, start))
             rows.append({
                 "stage": k,
                 "resolution": stage.resolution,
                 "topology": model.topology().get("kind"),
                 "phase": slot.phase.name,
                 "steps": slot.phase.steps,
+                "steps_to_train": to_train,
                 "trainable_set": describe_trainable(slot.phase.trainable),
                 "params_total": total,
                 "params_trainable": trainable,
                 "gflop_per_image_fwd": flops / 1e9,
                 # 3 x forward per image (forward + backward), every phase alike: an estimate
                 # that ignores the weight gradients a frozen phase skips
-                "train_tflop": 3 * flops * stage.batch_size * slot.phase.steps / 1e12,
+                "train_tflop": 3 * flops * stage.batch_size * to_train / 1e12,
                 "activation_bytes_per_image": act,
                 "activation_bytes_per_image_no_checkpointing": act_full,
                 "activation_checkpointing": spec.train.activation_checkpointing,
@@ -182,7 +187,8 @@ def _b(n: float) -> str:
     return f"{n:.3g} PiB"
 
 
-def print_plan(spec: RunSpec, rows: list[dict[str, Any]], world_size: int = 1) -> None:
+def print_plan(spec: RunSpec, rows: list[dict[str, Any]], world_size: int = 1, branch: str | None = None) -> None:
+    """The rows as a table; ``branch`` names the checkpoint a ``--from`` run starts at."""
     from rich.console import Console
     from rich.table import Table
 
@@ -192,13 +198,17 @@ def print_plan(spec: RunSpec, rows: list[dict[str, Any]], world_size: int = 1) -
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            str(r["stage"]), str(r["resolution"]), str(r["topology"]), r["phase"], _h(r["steps"]),
+            str(r["stage"]), str(r["resolution"]), str(r["topology"]), r["phase"],
+            _h(r["steps"]) if r["steps_to_train"] == r["steps"] else f"{_h(r['steps_to_train'])} of {_h(r['steps'])}",
             _h(r["params_total"]), f"{_h(r['params_trainable'])} ({r['trainable_set']})",
             f"{r['gflop_per_image_fwd']:.3g}", f"{r['train_tflop']:.3g}", _b(r["activation_bytes_per_image"]),
             _b(r["per_rank_state_bytes"]), _b(r["per_rank_activation_bytes"]), _b(r["per_rank_total_bytes"]),
         )
     console = Console(width=200)
     console.print(table)
+    if branch is not None:
+        done = sum(r["steps"] - r["steps_to_train"] for r in rows)
+        console.print(f"starting from {branch}: its {done} steps are not trained again ('N of M' steps: N left)")
     console.print(f"training compute: {total_train_tflop(rows):.4g} TFLOP")
     for r in rows:
         if r["phase"] == next(x["phase"] for x in rows if x["stage"] == r["stage"]):

@@ -4,13 +4,14 @@ the spec, so a global step alone says where a run is."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vermeer_core.interfaces import Phase
 from vermeer_core.model import stage_phases
 from vermeer_core.registry import Registry
 from vermeer_core.spec import RunSpec
 
-__all__ = ["Slot", "step_table", "stage_ends", "locate"]
+__all__ = ["Slot", "step_table", "stage_ends", "locate", "checkpoint_step"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,12 @@ def step_table(spec: RunSpec, registry: Registry) -> list[Slot]:
 def stage_ends(slots: list[Slot]) -> dict[int, int]:
     """The global step at which each stage ends (its last phase's end), by stage."""
     return {s.stage: s.end for s in slots}  # slots are in order: a stage's last one wins
+
+
+def checkpoint_step(slots: list[Slot], meta: dict[str, Any]) -> int:
+    """The global step in ``slots`` at which a checkpoint with ``meta`` (its ``meta.json``)
+    stands: where a resume or a ``--from`` branch starts."""
+    return locate(slots, int(meta["stage"]), int(meta["phase"]), int(meta["step_in_phase"]))
 
 
 def locate(slots: list[Slot], stage: int, phase_index: int, step_in_phase: int) -> int:
