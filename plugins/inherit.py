@@ -10,7 +10,9 @@ ResBlocks around the core are reused as the same modules (their trained tensors 
 Supported growth: from a Shallow-UViT with a 2x2 patchify stem (the core-pretraining stage) to
 a U-Net at twice its resolution, with ``widths[r] == widths[grid]`` for every new stage r (the
 core's features are carried through the decoder channel for channel, so the head's GroupNorm
-sees exactly the groups the old head saw). The path, for a 2G-pixel prev grown to 4G:
+sees exactly the groups the old head saw); and from such a U-Net (or any greedy U-Net) to the
+U-Net at twice its resolution (below: "U-Net to U-Net"). The path, for a 2G-pixel prev grown
+to 4G:
 
 * stem (3x3): pixels into channels 0..2 (centre tap 1), the rest 0;
 * encoder 4G: ResBlocks are the identity (their last conv starts at zero); ``down`` averages
@@ -25,6 +27,23 @@ The one approximation is that last step: convolutions after a nearest upsample a
 at every position of a 2x2 block, so they cannot pick the sub-pixel that prev's pixel shuffle
 places there; the grown model outputs the mean of prev's 2x2 output block (measured in
 ``tests/test_inherit.py`` and ``docs/notes/inherit.md``).
+
+U-Net to U-Net (prev a U-Net at R, grown to 2R; ``widths[2R] == widths[R]``). Prev's input and
+output convolutions are 3x3 at R. On the 2x-pooled image, prev's stem is a 6x6 stride-2 kernel
+at 2R, which a 3x3 stride-2 ``down`` cannot hold. On nearest-upsampled features, a 3x3 conv at
+2R is not the up-sampled 3x3 conv at R either. So two modules of the new stage change shape:
+
+* ``encoders.r2R.down`` is a :class:`PoolConv`: 2x2 average pooling, then a 3x3 conv at R that
+  holds prev's stem (input channels 0..2; the new stem puts the pixels there);
+* ``head`` is a :class:`LowResHead`: prev's head run on the 2x2-pooled features and nearest
+  up-sampled (``head.low``, transferred from prev's ``head`` by prefix), plus a new
+  full-resolution head (``head.fresh``, zero at init like every head).
+
+Everything between is prev's own: its encoders, Shallow-UViT blocks, core and decoders
+(reused). The new stage's blocks are the identity, and ``up`` and ``fuse`` copy channels. So at
+step 0 the grown network outputs exactly prev's network output on the pooled input, up-sampled.
+There is no sub-pixel approximation here: the new 2x2 blocks are what ``LowResHead``
+up-samples. Prev's :class:`DenoiserSkip`, if it has one, nests inside the new one (``inner``).
 
 Noise level. The model is conditioned on the log-SNR it is given; the grown model passes its
 own λ to the shared conditioning, so prev runs at λ, not at the λ + 2 log 2 of the pooled
@@ -46,13 +65,18 @@ against 0.04).
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vermeer_core.api import GrowthContext, Transfer, VermeerModel
 
-__all__ = ["DenoiserSkip", "inherit_init"]
+__all__ = ["DenoiserSkip", "LowResHead", "PoolConv", "inherit_init"]
+
+_LOG4 = 2.0 * math.log(2.0)  # log-SNR gained by 2x2 average pooling (the noise std halves)
 
 
 def _pixel_stem(stem: nn.Conv2d) -> None:
@@ -95,6 +119,41 @@ def _patchify_in_down(in_ch: int) -> Transfer:
     return Transfer(fn, ("stem.weight",))
 
 
+def _stem_in_pool_conv(in_ch: int) -> Transfer:
+    def fn(stem_w: Tensor) -> Tensor:  # (out, 3, 3, 3) -> (out, in_ch, 3, 3)
+        w = stem_w.new_zeros(stem_w.shape[0], in_ch, *stem_w.shape[2:])
+        w[:, :3] = stem_w
+        return w
+
+    return Transfer(fn, ("stem.weight",))
+
+
+class PoolConv(nn.Module):
+    """A downsampler: 2x2 average pooling, then a 3x3 conv at the half resolution. Grown from a
+    U-Net, it holds prev's 3x3 stem, applied to the pooled image."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.avg_pool2d(x, 2))
+
+
+class LowResHead(nn.Module):
+    """``up(low(pool(h))) + fresh(h)``: a head at half resolution (prev's), run on the 2x2-pooled
+    features and nearest up-sampled, plus a head at full resolution. GroupNorm and a conv on
+    nearest-upsampled features are not prev's head up-sampled; on the pooled features they
+    are, exactly."""
+
+    def __init__(self, low: nn.Module, fresh: nn.Module) -> None:
+        super().__init__()
+        self.low, self.fresh = low, fresh
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.interpolate(self.low(F.avg_pool2d(h, 2)), scale_factor=2, mode="nearest") + self.fresh(h)
+
+
 def _subpixel_mean_w(w: Tensor) -> Tensor:  # (3*4, C, 1, 1) -> (3, C, 3, 3), centre tap
     mean = w.reshape(3, 4, w.shape[1]).mean(1)
     out = w.new_zeros(3, w.shape[1], 3, 3)
@@ -131,15 +190,27 @@ class DenoiserSkip(nn.Module):
     The formula of ``b`` uses ``α'/k = α'² / α`` and ``α'² = 4 α² / (4 α² + σ²)``. It holds
     for every F, so training sees a fixed, well-conditioned map: the network learns the
     residual in prev's parameterisation. Holds no tensors; nothing of it is checkpointed.
+
+    **Nested** (``inner``: prev's own DenoiserSkip, for growth from a U-Net that was itself
+    grown with ``inherit-denoiser``; ``block`` 2). Prev's v is affine in its input and network
+    output, ``v_prev(y, λ') = S(y, λ') + C(λ') F_prev``. At step 0 the network output is
+    ``F = up(F_prev)`` on ``y = pool(x_t) / k``. The grown estimate is
+    ``x̂0 = up(α' y - σ' v_prev) + W H``, so
+    ``v = a H + b L + c up(S(y, λ')) + c C(λ') F``: :meth:`skip` is the part without F and
+    :meth:`gain` the factor of F. The network input is ``inner.scale_input(x_t / k, λ')``, which
+    pools to the input prev's network saw. Without ``inner``, ``S = 0`` and ``C = 1``.
     """
 
-    def __init__(self, detail_std: float, block: int) -> None:
+    def __init__(self, detail_std: float, block: int, inner: DenoiserSkip | None = None) -> None:
         super().__init__()
         if not 0.0 < detail_std < 1.0:
             raise ValueError(f"detail_std must be in (0, 1), got {detail_std}")
         if block < 2 or block & (block - 1):
             raise ValueError(f"block must be a power of 2 >= 2, got {block}")
+        if inner is not None and block != 2:
+            raise ValueError(f"a nested DenoiserSkip reads its network output in 2x2 blocks, got block {block}")
         self.detail_std, self.block = float(detail_std), int(block)
+        self.inner = inner
 
     def extra_repr(self) -> str:
         return f"detail_std={self.detail_std}, block={self.block}"
@@ -152,9 +223,19 @@ class DenoiserSkip(nn.Module):
 
     def scale_input(self, x_t: Tensor, logsnr: Tensor) -> Tensor:
         a2, s2 = self._a2_s2(logsnr)
-        return (x_t.float() * torch.rsqrt(a2 + s2 / 4)).to(x_t.dtype)
+        x = x_t.float() * torch.rsqrt(a2 + s2 / 4)
+        if self.inner is not None:
+            x = self.inner.scale_input(x, logsnr.float() + _LOG4)
+        return x.to(x_t.dtype)
 
-    def combine(self, x_t: Tensor, logsnr: Tensor, out: Tensor) -> Tensor:
+    def gain(self, logsnr: Tensor) -> Tensor:
+        """The factor of the network output in the returned v, shape (batch, 1, 1, 1)."""
+        a2, s2 = self._a2_s2(logsnr)
+        c = 0.5 * torch.rsqrt(a2 + s2 / 4)
+        return c if self.inner is None else c * self.inner.gain(logsnr.float() + _LOG4)
+
+    def skip(self, x_t: Tensor, logsnr: Tensor) -> Tensor:
+        """The returned v for a network output of zero (float32)."""
         a2, s2 = self._a2_s2(logsnr)
         al, si = a2.sqrt(), s2.sqrt()
         d2 = self.detail_std**2
@@ -162,8 +243,15 @@ class DenoiserSkip(nn.Module):
         low = F.interpolate(F.avg_pool2d(x, self.block), scale_factor=self.block, mode="nearest")
         a = al * si * (1.0 - d2) / (a2 * d2 + s2)
         b = -3.0 * al * si / (4.0 * a2 + s2)
-        c = 0.5 * torch.rsqrt(a2 + s2 / 4)
-        return (a * (x - low) + b * low + c * out.float()).to(out.dtype)
+        v = a * (x - low) + b * low
+        if self.inner is not None:
+            k_inv = torch.rsqrt(a2 + s2 / 4)
+            inner = self.inner.skip(F.avg_pool2d(x, 2) * k_inv, logsnr.float() + _LOG4)
+            v = v + 0.5 * k_inv * F.interpolate(inner, scale_factor=2, mode="nearest")
+        return v
+
+    def combine(self, x_t: Tensor, logsnr: Tensor, out: Tensor) -> Tensor:
+        return (self.skip(x_t, logsnr) + self.gain(logsnr) * out.float()).to(out.dtype)
 
 
 def _denoiser_check(ctx: GrowthContext, where: str) -> None:
@@ -187,12 +275,14 @@ def inherit_init(
     where = f"stage {ctx.stage}: greedy init: {'inherit' if detail_std is None else 'inherit-denoiser'}"
     if detail_std is not None:
         _denoiser_check(ctx, where)
+    if prev.encoders:
+        return _from_unet(model, prev, ctx, where, detail_std)
     g = ctx.builder.grid
     if prev.shallow_in is None or prev.stem_factor != 2 or prev.resolution != 2 * g:
         raise ValueError(
             f"{where} grows a Shallow-UViT with a 2x2 patchify stem (resolution 2 x grid = {2 * g}) "
-            f"into a U-Net; stage {ctx.stage - 1} is a {prev.topology()['kind']} at {prev.resolution} "
-            f"with stem factor {prev.stem_factor} (use init: fresh for later stages)"
+            f"or a U-Net into a U-Net; stage {ctx.stage - 1} is a {prev.topology()['kind']} at "
+            f"{prev.resolution} with stem factor {prev.stem_factor}"
         )
     if model.encoder_resolutions != [4 * g, 2 * g]:
         raise ValueError(f"{where} expects new encoder stages [{4 * g}, {2 * g}], got {model.encoder_resolutions}")
@@ -225,4 +315,56 @@ def inherit_init(
     )
     if detail_std is not None:
         model.precondition = DenoiserSkip(detail_std, block=model.resolution // g)
+    return model
+
+
+def _from_unet(
+    model: VermeerModel, prev: VermeerModel, ctx: GrowthContext, where: str, detail_std: float | None
+) -> VermeerModel:
+    """U-Net at R to U-Net at 2R (see the module docstring): the new stage's ``down`` becomes a
+    :class:`PoolConv` holding prev's stem, its ``head`` a :class:`LowResHead` holding prev's."""
+    r, half = model.resolution, prev.resolution
+    if r != 2 * half or model.encoder_resolutions != [r, *prev.encoder_resolutions]:
+        raise ValueError(
+            f"{where} expects the U-Net at {half} with one new outer stage at {r}; got encoder stages "
+            f"{model.encoder_resolutions} over prev's {prev.encoder_resolutions} (keep_stages must stay on)"
+        )
+    width, prev_width = ctx.builder.width(r), ctx.builder.width(half)
+    if width != prev_width:
+        raise ValueError(
+            f"{where} carries prev's {prev_width} output channels at {half} to the new head: model.widths "
+            f"must be {prev_width} at [{r}] too (got {width})"
+        )
+    inner = prev.precondition
+    if detail_std is None and inner is not None:
+        raise ValueError(
+            f"{where}: stage {ctx.stage - 1} was grown with inherit-denoiser, so its output is not a plain v; "
+            "grow from it with init: inherit-denoiser"
+        )
+    if inner is not None and not isinstance(inner, DenoiserSkip):
+        raise ValueError(f"{where} can nest only a DenoiserSkip, stage {ctx.stage - 1} has {type(inner).__name__}")
+    key = f"r{r}"
+    _pixel_stem(model.stem)
+    device = model.stem.weight.device
+    model.encoders[key].down = PoolConv(width, prev_width).to(device)
+    dec = model.decoders[key]
+    _copy_channels(dec.up, width)
+    _copy_channels(dec.fuse, width)  # the skip half of the 1x1 conv stays 0
+    # prev's head as structure (prev holds no trained values): every tensor of it is a transfer target
+    low = copy.deepcopy(prev.head).to_empty(device=device)
+    with torch.no_grad():
+        for t in low.parameters():
+            t.zero_()
+    model.head = LowResHead(low, model.head)
+    if prev.shallow_in is not None:  # an inherited stage's Shallow-UViT blocks, reused
+        model.shallow_in, model.shallow_out = prev.shallow_in, prev.shallow_out
+    model.transfers.update(
+        {
+            f"encoders.{key}.down.conv.weight": _stem_in_pool_conv(width),
+            f"encoders.{key}.down.conv.bias": "stem.bias",
+            "head.low": "head",
+        }
+    )
+    if detail_std is not None:
+        model.precondition = DenoiserSkip(detail_std, block=2, inner=inner)
     return model

@@ -20,7 +20,7 @@ from vermeer_core.inference import load_checkpoint
 from vermeer_core.model import VermeerModel, build_stage_model, conditioning_offset
 from vermeer_core.plugins import get_registry
 from vermeer_core.spec import parse_spec
-from vermeer_plugins.inherit import DenoiserSkip
+from vermeer_plugins.inherit import DenoiserSkip, LowResHead, PoolConv
 
 
 def _spec(init: str, lr_mult: float = 1e-9, conditioning: str = "logsnr") -> dict:
@@ -216,3 +216,94 @@ def test_inherit_denoiser_needs_normalized_conditioning_and_v(tmp_path: Path,
     # the new option leaves existing specs' dump (and so their hash) unchanged
     spec = parse_spec(_spec("inherit"), get_registry())
     assert "detail_std" not in spec.model_dump()["stages"][1]["growth"]
+
+
+def _three_stage(init2: str) -> dict:
+    """The tiny spec grown twice: 8 -> 16 (inherit-denoiser, 3 real steps, so stage 1's own
+    network, head and stem are trained) -> 32 (``init2``, one step at a negligible lr)."""
+    data = _spec("inherit-denoiser", lr_mult=1.0, conditioning="normalized-logsnr")
+    data["stages"][1]["growth"]["phases"] = [{"name": "AB", "steps": 3, "trainable": "all"}]
+    data["model"]["widths"][32] = data["model"]["widths"][16]
+    data["stages"].append({"resolution": 32, "batch_size": 4, "growth": {
+        "type": "greedy", "init": init2,
+        "phases": [{"name": "probe", "steps": 1, "trainable": "all", "lr_mult": 1e-9}]}})
+    return data
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("inherit_unet")
+    spec = write_spec(base / "grow2.yaml", _three_stage("inherit-denoiser"))
+    assert main(["run", str(spec), "--out", str(base / "run"), "--resume", "never"]) == 0
+    return base / "run"
+
+
+def test_inherit_denoiser_from_a_unet_starts_as_its_denoiser(unet_run: Path) -> None:
+    """U-Net to U-Net through a real run: at step 0 of stage 2 the grown model's clean-image
+    estimate is stage 1's (itself a DenoiserSkip model) on the pooled image at its own level,
+    up-sampled, plus the Wiener estimate of the within-2x2 detail. Computed from stage 1
+    directly; exact, since the new head up-samples prev's head (no sub-pixel approximation)."""
+    reg = get_registry()
+    ckpt = unet_run / "checkpoints"
+    s1_end = STAGE0_END + 3
+    _, prev, s1 = load_checkpoint(str(ckpt / f"step-{s1_end:08d}"), reg, weights="model")
+    _, grown, s2 = load_checkpoint(str(ckpt / f"step-{s1_end + 1:08d}"), reg, weights="model")
+    assert (s1, s2) == (1, 2)
+    assert isinstance(prev.precondition, DenoiserSkip) and grown.precondition.inner is not None
+    assert isinstance(grown.head, LowResHead) and isinstance(grown.encoders["r32"].down, PoolConv)
+    assert prev.head.proj.weight.abs().max() > 1e-3  # prev's head was trained, not the zero init
+    g = torch.Generator().manual_seed(4)
+    r, s = grown.resolution, grown.precondition.detail_std
+    x = torch.randn(2, 3, r, r, generator=g) * 0.5 + torch.rand(2, 3, 1, 1, generator=g) - 0.5
+    up = lambda t: F.interpolate(t, scale_factor=2, mode="nearest")  # noqa: E731
+    for lam in (-6.0, -1.0, 3.0, 9.0):
+        logsnr = torch.full((2,), lam)
+        a, sg = math.sqrt(torch.sigmoid(torch.tensor(lam))), math.sqrt(torch.sigmoid(torch.tensor(-lam)))
+        k = math.sqrt(a * a + sg * sg / 4)
+        prev_x0 = _x0(prev, F.avg_pool2d(x, 2) / k, logsnr + 2 * math.log(2))
+        detail = x - up(F.avg_pool2d(x, 2))
+        want = up(prev_x0) + a * s * s / (a * a * s * s + sg * sg) * detail
+        got = _x0(grown, x, logsnr)
+        assert float((got - want).norm() / want.norm()) < 1e-5, lam
+
+
+def test_nested_denoiser_skip_closed_form_is_the_v_of_its_estimate() -> None:
+    """A nested DenoiserSkip returns, for a network output up-sampled from a half-resolution
+    one, the v of up(prev's estimate) + Wiener detail (float64, log-SNR -20..15); any output
+    enters with the factor gain(λ); finite in bf16."""
+    inner = DenoiserSkip(0.05, block=4)
+    skip = DenoiserSkip(0.05, block=2, inner=inner)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64)
+    small_out = torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64)
+    out = F.interpolate(small_out, scale_factor=2, mode="nearest")
+    for lam in (-20.0, -5.0, 0.0, 5.0, 15.0):
+        logsnr = torch.full((3,), lam, dtype=torch.float64)
+        a2 = torch.sigmoid(torch.tensor(lam, dtype=torch.float64))
+        a, sg, k = a2.sqrt(), (1 - a2).sqrt(), (a2 + (1 - a2) / 4).sqrt()
+        lam_p = logsnr + 2 * math.log(2)
+        a2p = torch.sigmoid(lam_p[0])
+        y = F.avg_pool2d(x, 2) / k
+        prev_x0 = a2p.sqrt() * y - (1 - a2p).sqrt() * inner.combine(y, lam_p, small_out).double()
+        low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest")
+        x0_hat = F.interpolate(prev_x0, scale_factor=2, mode="nearest") + a * 0.0025 / (a2 * 0.0025 + (1 - a2)) * (x - low)
+        want = (a * x - x0_hat) / sg
+        got = skip.combine(x, logsnr, out).double()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), lam
+        # the network's input pools to prev's network input
+        assert torch.allclose(F.avg_pool2d(skip.scale_input(x, logsnr), 2), inner.scale_input(y, lam_p), atol=1e-5)
+        assert torch.isfinite(skip.combine(x.bfloat16(), logsnr.float(), out.bfloat16())).all()
+
+
+def test_inherit_from_a_unet_refuses_what_it_cannot_represent(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cases = (
+        # a plain v map cannot start from a DenoiserSkip model's output
+        (lambda d: d["stages"][2]["growth"].update(init="inherit"), "grow from it with init: inherit-denoiser"),
+        (lambda d: d["model"]["widths"].update({32: 12}), "model.widths must be 8 at [32]"),
+    )
+    for i, (change, needle) in enumerate(cases):
+        data = _three_stage("inherit-denoiser")
+        change(data)
+        r = run_main(["validate", str(write_spec(tmp_path / f"bad{i}.yaml", data))], capsys)
+        assert r.returncode == 2 and needle in r.stderr and "stages.2.growth" in r.stderr, r.stderr
