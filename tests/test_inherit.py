@@ -307,3 +307,21 @@ def test_inherit_from_a_unet_refuses_what_it_cannot_represent(tmp_path: Path,
         change(data)
         r = run_main(["validate", str(write_spec(tmp_path / f"bad{i}.yaml", data))], capsys)
         assert r.returncode == 2 and needle in r.stderr and "stages.2.growth" in r.stderr, r.stderr
+
+
+def test_inherit_from_a_fresh_unet_is_exact(tmp_path: Path) -> None:
+    """``init: inherit`` (the v map) from a U-Net grown ``fresh`` (no preconditioning): at step 0
+    the grown model is up(prev(down(x))) itself, not only its 2x2-block mean (the new head
+    up-samples prev's head, so nothing sub-pixel is lost), through a real run."""
+    data = _three_stage("inherit")
+    data["diffusion"]["conditioning"] = "logsnr"
+    data["stages"][1]["growth"]["init"] = "fresh"
+    spec = write_spec(tmp_path / "fresh_then_inherit.yaml", data)
+    assert main(["run", str(spec), "--out", str(tmp_path / "run"), "--resume", "never"]) == 0
+    reg = get_registry()
+    s1_end = STAGE0_END + 3
+    _, prev, _ = load_checkpoint(str(tmp_path / "run" / "checkpoints" / f"step-{s1_end:08d}"), reg, weights="model")
+    _, grown, _ = load_checkpoint(str(tmp_path / "run" / "checkpoints" / f"step-{s1_end + 1:08d}"), reg, weights="model")
+    assert prev.precondition is None and grown.precondition is None
+    to_target, _ = _errors(prev, grown)
+    assert to_target < 1e-5, to_target
