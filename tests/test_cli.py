@@ -16,7 +16,7 @@ QUICK = str(ROOT / "specs" / "quickstart.yaml")
 
 def test_validate_ok(capsys):
     assert main(["validate", QUICK]) == 0
-    assert "valid (2 stages: 32 -> 64)" in capsys.readouterr().out
+    assert "valid (3 stages: 32 -> 64 -> 128)" in capsys.readouterr().out
 
 
 def test_spec_error_exits_2_without_traceback(tmp_path, capsys):
@@ -60,11 +60,11 @@ def test_schema(tmp_path, capsys):
 def test_plan_json(capsys):
     assert main(["plan", QUICK, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["stage"], r["phase"]) for r in rows] == [(0, "core"), (1, "A"), (1, "B")]
-    a, b = rows[1], rows[2]
-    assert a["params_trainable"] < a["params_total"] == b["params_trainable"]
+    assert [(r["stage"], r["phase"]) for r in rows] == [(0, "core"), (1, "A"), (1, "B"), (2, "A"), (2, "B")]
+    for a, b in (rows[1:3], rows[3:5]):
+        assert a["params_trainable"] < a["params_total"] == b["params_trainable"]
     flops = [r["gflop_per_image_fwd"] for r in rows]
-    assert flops[0] < flops[1] == flops[2]  # bigger images cost more; phases share the model
+    assert flops[0] < flops[1] == flops[2] < flops[3] == flops[4]  # bigger images cost more; phases share the model
     assert all(r["activation_bytes_per_image"] > 0 for r in rows)
 
 
