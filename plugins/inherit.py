@@ -110,19 +110,15 @@ def _copy_channels(conv: nn.Conv2d, n: int) -> None:
             conv.bias.zero_()
 
 
-def _patchify_in_down(in_ch: int) -> Transfer:
-    def fn(stem_w: Tensor) -> Tensor:  # (out, 3, 2, 2) -> (out, in_ch, 3, 3)
+def _stem_in_conv(in_ch: int) -> Transfer:
+    """Prev's stem (out, 3, k, k) as a 3x3 conv on ``in_ch`` channels: the pixels' channels
+    0..2, in the bottom-right k x k taps. k = 2 (a patchify stem): the taps a stride-2 3x3 conv
+    reads for its 2x2 block; k = 3 (a U-Net stem): the whole kernel, for :class:`PoolConv`."""
+
+    def fn(stem_w: Tensor) -> Tensor:
+        k = stem_w.shape[-1]
         w = stem_w.new_zeros(stem_w.shape[0], in_ch, 3, 3)
-        w[:, :3, 1:3, 1:3] = stem_w
-        return w
-
-    return Transfer(fn, ("stem.weight",))
-
-
-def _stem_in_pool_conv(in_ch: int) -> Transfer:
-    def fn(stem_w: Tensor) -> Tensor:  # (out, 3, 3, 3) -> (out, in_ch, 3, 3)
-        w = stem_w.new_zeros(stem_w.shape[0], in_ch, *stem_w.shape[2:])
-        w[:, :3] = stem_w
+        w[:, :3, 3 - k :, 3 - k :] = stem_w
         return w
 
     return Transfer(fn, ("stem.weight",))
@@ -305,7 +301,7 @@ def inherit_init(
     model.shallow_in, model.shallow_out = prev.shallow_in, prev.shallow_out
     model.transfers.update(
         {
-            f"encoders.{inner}.down.weight": _patchify_in_down(core_w),
+            f"encoders.{inner}.down.weight": _stem_in_conv(core_w),
             f"encoders.{inner}.down.bias": "stem.bias",
             "head.norm.weight": "head.norm.weight",
             "head.norm.bias": "head.norm.bias",
@@ -360,7 +356,7 @@ def _from_unet(
         model.shallow_in, model.shallow_out = prev.shallow_in, prev.shallow_out
     model.transfers.update(
         {
-            f"encoders.{key}.down.conv.weight": _stem_in_pool_conv(width),
+            f"encoders.{key}.down.conv.weight": _stem_in_conv(width),
             f"encoders.{key}.down.conv.bias": "stem.bias",
             "head.low": "head",
         }

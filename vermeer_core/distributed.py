@@ -21,6 +21,10 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["DistInfo", "init_distributed", "shutdown", "end_process", "parallelize", "reshard_all", "default_fsdp_settings"]
 
 
+# Set once this process has joined a process group; :func:`end_process` reads it.
+_joined = False
+
+
 @dataclass
 class DistInfo:
     rank: int
@@ -66,10 +70,6 @@ def init_distributed(*, device: str = "auto", replicate: int = 1) -> DistInfo:
     else:
         mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("shard",))
     return DistInfo(rank, world, local_rank, dev, mesh, backend)
-
-
-# Set once this process has joined a process group; :func:`end_process` reads it.
-_joined = False
 
 
 def shutdown() -> None:
